@@ -1,0 +1,335 @@
+"""The MEMIT-style pieces every editor shares: templates, keys, target values, the update.
+
+Each equation of DESIGN.md §2 lives here once; COMEBA-HK and the baselines
+differ only in which covariance they solve against and where they write Δ.
+All functions run the model as it is (with whatever hooks the caller has
+attached), so the caller decides what "the model as edited so far" means.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .hparams import HParams
+from .models import Layout, get_module
+from .requests import Request
+from .text import encode_prompt, encode_target, model_device, pad_batch, subject_last_index
+from .trace import trace
+
+log = logging.getLogger(__name__)
+
+KL_PROMPT = "{} is a"
+FORWARD_CHUNK = 64  # sequences per forward pass when only reading activations
+
+
+# --------------------------------------------------------------------------- context templates
+
+
+@torch.no_grad()
+def context_templates(model, tokenizer, hp: HParams) -> list[str]:
+    """["{}"] + one sampled (top-5) continuation of each prefix, then ". {}".
+
+    Generated once by the unedited model and reused for every batch; the
+    sampling is seeded and does not disturb the caller's random state.
+    """
+    device = model_device(model)
+    out = ["{}"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(hp.seed)
+        for prefix in hp.context_template_prefixes:
+            ids = torch.tensor([encode_prompt(tokenizer, prefix)], device=device)
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                top_k=5,
+                max_new_tokens=hp.context_template_length,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            text = tokenizer.decode(gen[0], skip_special_tokens=True)
+            out.append(text.replace("{", " ").replace("}", " ") + ". {}")
+    return out
+
+
+def _fill(template: str, request: Request) -> str:
+    """Context template + request prompt, still holding the subject as {}."""
+    return template.format(request.prompt)
+
+
+# --------------------------------------------------------------------------- keys and outputs
+
+
+def _read_at(
+    model, tokenizer, module: str, texts_and_idx: Sequence[tuple[str, int]], *, inputs: bool
+) -> torch.Tensor:
+    """Input (or output) of `module` at one position per text, in chunks, stopping after `module`."""
+    device = model_device(model)
+    rows = []
+    for start in range(0, len(texts_and_idx), FORWARD_CHUNK):
+        chunk = texts_and_idx[start : start + FORWARD_CHUNK]
+        ids, mask = pad_batch([encode_prompt(tokenizer, t) for t, _ in chunk], tokenizer.pad_token_id, device)
+        with torch.no_grad(), trace(model, [module], inputs=inputs, outputs=not inputs, stop_after=module) as rec:
+            model(input_ids=ids, attention_mask=mask)
+        act = rec[module].input if inputs else rec[module].output
+        idx = torch.tensor([i for _, i in chunk], device=device)
+        rows.append(act[torch.arange(len(chunk), device=device), idx])
+    return torch.cat(rows)
+
+
+def subject_keys(model, tokenizer, layout: Layout, layer: int, requests: Sequence[Request], templates: Sequence[str]) -> torch.Tensor:
+    """K (n, d_in): ½·k(bare prompt) + ½·mean of k over the other templates, at the subject's last token."""
+    items = []
+    for req in requests:
+        for tmpl in templates:
+            filled = _fill(tmpl, req)
+            items.append((filled.format(req.subject), subject_last_index(tokenizer, filled, req.subject)))
+    k = _read_at(model, tokenizer, layout.mlp_out_name(layer), items, inputs=True).to(torch.float64)
+    k = k.view(len(requests), len(templates), -1)
+    if len(templates) == 1:
+        return k[:, 0]
+    return 0.5 * k[:, 0] + 0.5 * k[:, 1:].mean(1)
+
+
+def subject_outputs(model, tokenizer, layout: Layout, layer: int, requests: Sequence[Request]) -> torch.Tensor:
+    """Output of decoder layer `layer` at the subject's last token of each bare prompt (n, d_model)."""
+    items = [(r.text, subject_last_index(tokenizer, r.prompt, r.subject)) for r in requests]
+    return _read_at(model, tokenizer, layout.layer_name(layer), items, inputs=False).to(torch.float64)
+
+
+# --------------------------------------------------------------------------- target values
+
+
+@dataclass
+class _Seqs:
+    """The 6 rewriting prompts and the KL prompt of each request, tokenised once."""
+
+    ids: list[list[int]]
+    owner: list[int]  # request index of each sequence
+    lookup: list[int]  # subject's last token per sequence
+    targets: list[list[tuple[int, int]]]  # (position predicting it, token id) per rewriting sequence; [] for KL
+    is_kl: list[bool]
+
+
+def _rewrite_sequences(tokenizer, requests: Sequence[Request], templates: Sequence[str]) -> _Seqs:
+    s = _Seqs([], [], [], [], [])
+    for r_i, req in enumerate(requests):
+        target_ids = encode_target(tokenizer, req.target_new)
+        for tmpl in templates:
+            filled = _fill(tmpl, req)
+            prompt_ids = encode_prompt(tokenizer, filled.format(req.subject))
+            s.ids.append(prompt_ids + target_ids[:-1])
+            s.owner.append(r_i)
+            s.lookup.append(subject_last_index(tokenizer, filled, req.subject))
+            base = len(prompt_ids) - 1
+            s.targets.append([(base + j, t) for j, t in enumerate(target_ids)])
+            s.is_kl.append(False)
+        s.ids.append(encode_prompt(tokenizer, KL_PROMPT.format(req.subject)))
+        s.owner.append(r_i)
+        s.lookup.append(subject_last_index(tokenizer, KL_PROMPT, req.subject))
+        s.targets.append([])
+        s.is_kl.append(True)
+    return s
+
+
+class _Adam:
+    """Adam over the rows of one tensor, where each row is stepped on its own schedule.
+
+    Equivalent to one torch.optim.Adam per request, so a request's result does
+    not depend on its batch-mates or on which of them stopped early.
+    """
+
+    def __init__(self, shape: torch.Size, lr: float, device, betas=(0.9, 0.999), eps=1e-8):
+        self.lr, self.b1, self.b2, self.eps = lr, betas[0], betas[1], eps
+        self.m = torch.zeros(shape, device=device)
+        self.v = torch.zeros(shape, device=device)
+        self.t = torch.zeros(shape[0], device=device)
+
+    @torch.no_grad()
+    def step(self, param: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor) -> None:
+        self.t[rows] += 1
+        t = self.t[rows][:, None]
+        self.m[rows] = self.b1 * self.m[rows] + (1 - self.b1) * grad[rows]
+        self.v[rows] = self.b2 * self.v[rows] + (1 - self.b2) * grad[rows] ** 2
+        m_hat = self.m[rows] / (1 - self.b1**t)
+        v_hat = self.v[rows] / (1 - self.b2**t)
+        param[rows] -= self.lr * m_hat / (v_hat.sqrt() + self.eps)
+
+
+def target_values(
+    model,
+    tokenizer,
+    layout: Layout,
+    requests: Sequence[Request],
+    hp: HParams,
+    templates: Sequence[str],
+    progress: bool = True,
+    chunk: int = 16,
+) -> torch.Tensor:
+    """Z (n, d_model): the output of the last edited layer at the subject that makes each target likely.
+
+    Optimises δ added at layer l_n's output (subject's last token) on the
+    rewriting prompts, with the KL term on "{subject} is a", weight decay and
+    the norm clamp; only δ takes gradients. Requests are processed in chunks
+    and each stops on its own once its loss drops below `early_stop_loss`.
+    """
+    out = []
+    bar = tqdm(total=len(requests), desc="target values", unit="edit", disable=not progress)
+    try:
+        for start in range(0, len(requests), chunk):
+            out.append(_target_values_chunk(model, tokenizer, layout, requests[start : start + chunk], hp, templates))
+            bar.update(len(requests[start : start + chunk]))
+    finally:
+        bar.close()
+    return torch.cat(out)
+
+
+def _target_values_chunk(model, tokenizer, layout, requests, hp: HParams, templates) -> torch.Tensor:
+    device = model_device(model)
+    layer_name = layout.layer_name(hp.layers[-1])
+    norm_name = layout.final_norm
+    lm_head = get_module(model, layout.lm_head)
+    seqs = _rewrite_sequences(tokenizer, requests, templates)
+    n = len(requests)
+    owner_all = torch.tensor(seqs.owner, device=device)
+
+    d_model = lm_head.weight.shape[-1]
+    delta = torch.zeros(n, d_model, device=device)
+    adam = _Adam(delta.shape, hp.v_lr, device)
+    h_init: torch.Tensor | None = None
+    kl_init: torch.Tensor | None = None
+    active = torch.ones(n, dtype=torch.bool, device=device)
+    final_loss = torch.full((n,), float("nan"))
+    per_request = len(templates) + 1
+
+    for it in range(hp.v_num_grad_steps):
+        rows = [i for i, o in enumerate(seqs.owner) if active[o]]
+        ids, mask = pad_batch([seqs.ids[i] for i in rows], tokenizer.pad_token_id, device)
+        owner = owner_all[rows]
+        lookup = torch.tensor([seqs.lookup[i] for i in rows], device=device)
+        batch_idx = torch.arange(len(rows), device=device)
+        delta_param = delta.detach().clone().requires_grad_(True)
+
+        def add_delta(name: str, h: torch.Tensor) -> torch.Tensor:
+            if name != layer_name:
+                return h
+            add = torch.zeros_like(h).index_put((batch_idx, lookup), delta_param[owner].to(h.dtype))
+            return h + add
+
+        with torch.enable_grad(), trace(
+            model, [layer_name, norm_name], outputs=True, edit_output=add_delta, stop_after=norm_name
+        ) as rec:
+            model(input_ids=ids, attention_mask=mask)
+        hidden = rec[norm_name].output
+        if h_init is None:  # first pass, all requests active, δ = 0: template 0 is the bare prompt
+            h_out = rec[layer_name].output.detach()
+            bare = torch.arange(n, device=device) * per_request
+            h_init = h_out[bare, lookup[bare]].float()
+
+        # Rewriting NLL, averaged per request over its prompts.
+        pos_b, pos_t, tok_ids, seq_of_tok = [], [], [], []
+        kl_rows, kl_pos = [], []
+        for j, i in enumerate(rows):
+            if seqs.is_kl[i]:
+                kl_rows.append(j)
+                kl_pos.append(seqs.lookup[i])
+            for p, t in seqs.targets[i]:
+                pos_b.append(j)
+                pos_t.append(p)
+                tok_ids.append(t)
+                seq_of_tok.append(j)
+        logits = lm_head(hidden[torch.tensor(pos_b, device=device), torch.tensor(pos_t, device=device)])
+        logp = torch.log_softmax(logits.float(), -1)
+        tok_lp = logp[torch.arange(len(tok_ids), device=device), torch.tensor(tok_ids, device=device)]
+        seq_of_tok_t = torch.tensor(seq_of_tok, device=device)
+        n_rows = len(rows)
+        seq_lp = torch.zeros(n_rows, device=device).index_add(0, seq_of_tok_t, tok_lp)
+        seq_len = torch.zeros(n_rows, device=device).index_add(0, seq_of_tok_t, torch.ones_like(tok_lp))
+        is_rewrite = seq_len > 0
+        seq_nll = torch.where(is_rewrite, -seq_lp / seq_len.clamp(min=1), torch.zeros_like(seq_lp))
+        req_nll = torch.zeros(n, device=device).index_add(0, owner, seq_nll)
+        req_cnt = torch.zeros(n, device=device).index_add(0, owner, is_rewrite.float())
+        nll = req_nll / req_cnt.clamp(min=1)
+
+        # KL(p at δ=0 ‖ p now) on "{subject} is a" at the subject's last token.
+        kl_logits = lm_head(hidden[torch.tensor(kl_rows, device=device), torch.tensor(kl_pos, device=device)])
+        kl_logp = torch.log_softmax(kl_logits.float(), -1)
+        kl_owner = owner[torch.tensor(kl_rows, device=device)]
+        if kl_init is None:
+            kl_init = torch.zeros(n, kl_logp.shape[-1], device=device)
+            kl_init[kl_owner] = kl_logp.detach()
+        ref = kl_init[kl_owner]
+        kl = torch.zeros(n, device=device).index_add(0, kl_owner, (ref.exp() * (ref - kl_logp)).sum(-1))
+
+        decay = hp.v_weight_decay * delta_param.norm(dim=-1) / h_init.norm(dim=-1) ** 2
+        loss = nll + hp.kl_factor * kl + decay
+        with torch.no_grad():
+            final_loss[active.cpu()] = loss[active].detach().cpu()
+            done = active & (loss.detach() < hp.early_stop_loss)
+            active &= ~done
+        if not bool(active.any()) or it == hp.v_num_grad_steps - 1:
+            delta = delta_param.detach()
+            break
+        (grad,) = torch.autograd.grad(loss[active].sum(), delta_param)
+        new = delta_param.detach().clone()
+        adam.step(new, grad, active.nonzero().squeeze(1))
+        # Project δ into the ball of radius clamp_norm_factor·‖h‖.
+        max_norm = hp.clamp_norm_factor * h_init.norm(dim=-1, keepdim=True)
+        norm = new.norm(dim=-1, keepdim=True)
+        delta = torch.where(norm > max_norm, new * max_norm / norm, new)
+
+    log.debug("target values: final losses %s", final_loss.tolist())
+    return (h_init + delta).to(torch.float64)
+
+
+# --------------------------------------------------------------------------- the update
+
+
+def solve_update(residuals: torch.Tensor, keys: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
+    """Δ = R Kᵀ (C + K Kᵀ)⁻¹ in float64, solving rather than inverting.
+
+    `residuals` (n, d_out), `keys` (n, d_in), `covariance` C (d_in, d_in)
+    already scaled (λ·C0 plus any accumulated keys). The current batch is
+    inside the solve.
+    """
+    K = keys.to(torch.float64).T
+    R = residuals.to(torch.float64).T
+    A = covariance.to(torch.float64) + K @ K.T
+    X = torch.linalg.solve(A, K)  # A⁻¹ K; A is symmetric so (A⁻¹ K)ᵀ = Kᵀ A⁻¹
+    return R @ X.T
+
+
+def write_layers(
+    model,
+    tokenizer,
+    layout: Layout,
+    requests: Sequence[Request],
+    layers: Sequence[int],
+    templates: Sequence[str],
+    targets: torch.Tensor,
+    covariance: Callable[[int], torch.Tensor],
+    apply: Callable[[int, torch.Tensor], None],
+    progress: bool = False,
+) -> dict[int, torch.Tensor]:
+    """Write the targets into `layers` in order, spreading the residual over the layers left.
+
+    For layer l_i: K at l_i, R = (Z − current output of l_n) / (layers left),
+    Δ = solve_update(R, K, covariance(l_i)), then `apply(l_i, Δ)` — which must
+    make the model compute with the new weights before the next layer's keys
+    are read. Returns the keys per layer (to accumulate into C_accu).
+    """
+    keys: dict[int, torch.Tensor] = {}
+    last = layers[-1]
+    for i, layer in enumerate(tqdm(layers, desc="writing layers", disable=not progress)):
+        K = subject_keys(model, tokenizer, layout, layer, requests, templates)
+        current = subject_outputs(model, tokenizer, layout, last, requests)
+        R = (targets.to(current.device) - current) / (len(layers) - i)
+        delta = solve_update(R, K, covariance(layer).to(K.device))
+        apply(layer, delta)
+        keys[layer] = K
+        log.debug("layer %d: |R| %.3f |Δ| %.3f", layer, R.norm(dim=1).mean().item(), delta.norm().item())
+    return keys

@@ -1,0 +1,352 @@
+"""The consecutive batch editor (COMEBA-HK) and its saved state.
+
+The state is of fixed size whatever the number of edits: per edited layer
+ΔW = W_h − W_0, C_accu = λ·C0 + Σ_past K Kᵀ and the gate threshold α. It is
+saved like a PEFT adapter — a small JSON config and a safetensors file —
+and the base model's weights are never modified.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from . import __version__
+from .compute import context_templates, target_values, write_layers
+from .files import atomic_save_tensors, atomic_write_text
+from .hooks import HookLayers, HookWeights, gate_scores
+from .hparams import HParams
+from .models import Layout, detect_layout, fingerprint, mlp_out_weight, num_layers
+from .requests import Request, make_requests
+from .stats import Corpus, default_corpus, load_or_compute_stats
+from .text import encode_prompt, model_device, pad_batch
+from .trace import trace
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "comeba_config.json"
+FORMAT = "comeba-hook-layers"
+FORMAT_VERSION = 1
+
+
+class StateError(ValueError):
+    """A saved editor state that cannot be used with this model."""
+
+
+@dataclass
+class LayerState:
+    """One hook layer: ΔW (float32, d_out × d_in), C_accu (float64, d_in × d_in), α."""
+
+    delta: torch.Tensor
+    c_accu: torch.Tensor
+    alpha: float
+
+    def clone(self) -> "LayerState":
+        return LayerState(self.delta.clone(), self.c_accu.clone(), self.alpha)
+
+
+class Editor:
+    """Writes batches of facts into hook layers, one consecutive step per `edit` call.
+
+    Create with `Editor.create` (computes or loads the key statistics) or
+    `Editor.load`; apply the edits with `attach()` / `with editor.applied():`.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        hparams: HParams,
+        layers: Mapping[int, LayerState],
+        templates: Sequence[str],
+        *,
+        model_fingerprint: str,
+        stats_provenance: Mapping[str, Any] | None = None,
+        n_batches: int = 0,
+        n_edits: int = 0,
+        progress: bool = True,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.hparams = hparams
+        self.layout: Layout = detect_layout(model)
+        hparams.check_model(num_layers(model, self.layout))
+        self.layers: dict[int, LayerState] = dict(layers)
+        self.templates = list(templates)
+        self.model_fingerprint = model_fingerprint
+        self.stats_provenance = dict(stats_provenance or {})
+        self.n_batches = n_batches
+        self.n_edits = n_edits
+        self.progress = progress
+        self._hooks: HookLayers | None = None
+
+    # ------------------------------------------------------------------ creation
+    @classmethod
+    def create(
+        cls,
+        model,
+        tokenizer,
+        hparams: HParams | None = None,
+        corpus: Corpus | None = None,
+        progress: bool = True,
+    ) -> "Editor":
+        """A fresh editor: C_accu = λ·C0 from the (cached) key statistics, ΔW = 0, α = α₀."""
+        hp = hparams or HParams()
+        layout = detect_layout(model)
+        hp.check_model(num_layers(model, layout))
+        fp = fingerprint(model)
+        corpus = corpus or default_corpus()
+        log.info("key statistics corpus: %s", corpus.describe)
+        c0, provenance = load_or_compute_stats(
+            model, tokenizer, layout, hp.layers, corpus, hp.mom2_n_tokens, hp.mom2_dtype, model_fp=fp, progress=progress
+        )
+        layers = {}
+        for layer in hp.layers:
+            w0 = mlp_out_weight(model, layout, layer)
+            layers[layer] = LayerState(
+                delta=torch.zeros(w0.shape, dtype=torch.float32, device=w0.device),
+                c_accu=hp.mom2_update_weight * c0[layer].to(device=w0.device, dtype=torch.float64),
+                alpha=float(hp.alpha),
+            )
+        templates = context_templates(model, tokenizer, hp)
+        return cls(model, tokenizer, hp, layers, templates, model_fingerprint=fp,
+                   stats_provenance=provenance, progress=progress)
+
+    # ------------------------------------------------------------------ applying the edits
+    def hook_weights(self, gated: bool = True) -> dict[int, HookWeights]:
+        return {l: HookWeights(s.delta, s.alpha, gated) for l, s in self.layers.items()}
+
+    def attach(self) -> "Editor":
+        """Make the model answer as edited (validated hooks); the weights stay untouched."""
+        self.detach()
+        self._hooks = HookLayers(self.model, self.layout, self.hook_weights())
+        return self
+
+    def detach(self) -> None:
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+
+    @property
+    def attached(self) -> bool:
+        return self._hooks is not None
+
+    @contextmanager
+    def applied(self) -> Iterator["Editor"]:
+        """Temporarily attach the hooks (restores the previous attachment state)."""
+        was = self.attached
+        self.attach()
+        try:
+            yield self
+        finally:
+            if not was:
+                self.detach()
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 20) -> list[str]:
+        """Greedy continuations with the edits applied."""
+        with self.applied():
+            return greedy_generate(self.model, self.tokenizer, prompts, max_new_tokens)
+
+    # ------------------------------------------------------------------ editing
+    def edit(self, requests: Iterable[Mapping[str, Any] | Request]) -> dict[str, Any]:
+        """One consecutive step: write a batch of facts on top of everything written so far.
+
+        All requests are validated first; the state changes only if the whole
+        step succeeds (an error or an interrupt leaves it as it was).
+        """
+        batch = make_requests(requests)
+        start = time.perf_counter()
+        hp = self.hparams
+        was_attached = self.attached
+        self.detach()
+        new = {l: s.clone() for l, s in self.layers.items()}
+        try:
+            with HookLayers(self.model, self.layout, self.hook_weights(gated=True)) as hooks:
+                # 1. target values with the validated hooks (the model as edited so far)
+                z = target_values(self.model, self.tokenizer, self.layout, batch, hp, self.templates, progress=self.progress)
+                # 2. temporary hooks everywhere, then write layer by layer
+                for l, s in new.items():
+                    hooks.set(l, HookWeights(s.delta, s.alpha, gated=False))
+
+                def apply(layer: int, delta: torch.Tensor) -> None:
+                    state = new[layer]
+                    state.delta = state.delta + delta.to(state.delta)
+                    hooks.set(layer, HookWeights(state.delta, state.alpha, gated=True))
+
+                keys = write_layers(
+                    self.model, self.tokenizer, self.layout, batch, hp.layers, self.templates, z,
+                    covariance=lambda l: new[l].c_accu, apply=apply,
+                )
+            for l, K in keys.items():
+                new[l].c_accu = new[l].c_accu + K.T.to(new[l].c_accu) @ K.to(new[l].c_accu)
+            # 3. adapt α on the unedited model's keys of the batch's bare prompts
+            scores = batch_gate_maxima(self.model, self.tokenizer, self.layout, [r.text for r in batch],
+                                       {l: s.delta for l, s in new.items()})
+            for l, s in new.items():
+                s.alpha = adapt_alpha(s.alpha, scores[l])
+        finally:
+            if was_attached:
+                self.attach()
+        self.layers = new
+        self.n_batches += 1
+        self.n_edits += len(batch)
+        if was_attached:
+            self.attach()
+        seconds = time.perf_counter() - start
+        info = {"batch": self.n_batches, "n": len(batch), "seconds": seconds,
+                "alpha": {l: s.alpha for l, s in self.layers.items()}}
+        log.info("batch %d: %d edits in %.1f s, alpha %s", self.n_batches, len(batch), seconds, info["alpha"])
+        return info
+
+    def edit_batches(self, requests: Sequence[Mapping[str, Any] | Request], batch_size: int | None = None) -> list[dict]:
+        """Consecutive batches of `batch_size` (validated all together before the first)."""
+        reqs = make_requests(requests)
+        size = batch_size or self.hparams.batch_size
+        if size < 1:
+            raise ValueError(f"batch size must be positive, got {size}")
+        infos = []
+        for start in tqdm(range(0, len(reqs), size), desc="batches", disable=not self.progress or len(reqs) <= size):
+            infos.append(self.edit(reqs[start : start + size]))
+        return infos
+
+    # ------------------------------------------------------------------ state on disk
+    def config(self, tensor_file: str) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "comeba_version": __version__,
+            "base_model": {
+                "name_or_path": str(getattr(self.model, "name_or_path", "") or ""),
+                "fingerprint": self.model_fingerprint,
+                "architecture": self.layout.name,
+                "model_type": getattr(self.model.config, "model_type", None),
+            },
+            "layers": list(self.hparams.layers),
+            "alpha": {str(l): s.alpha for l, s in self.layers.items()},
+            "n_batches": self.n_batches,
+            "n_edits": self.n_edits,
+            "hparams": self.hparams.to_dict(),
+            "context_templates": self.templates,
+            "statistics": self.stats_provenance,
+            "tensors": tensor_file,
+            "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the state atomically: the old state stays valid until the new one is complete."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensor_file = f"state-{uuid.uuid4().hex[:12]}.safetensors"
+        tensors = {}
+        for l, s in self.layers.items():
+            tensors[f"delta.{l}"] = s.delta.detach().cpu().contiguous()
+            tensors[f"c_accu.{l}"] = s.c_accu.detach().cpu().contiguous()
+        atomic_save_tensors(directory / tensor_file, tensors)
+        atomic_write_text(directory / CONFIG_FILE, json.dumps(self.config(tensor_file), indent=2))
+        for old in directory.glob("state-*.safetensors"):
+            if old.name != tensor_file:
+                old.unlink(missing_ok=True)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, model, tokenizer, progress: bool = True) -> "Editor":
+        """Resume a saved state onto a fresh copy of its base model (refuses any other model)."""
+        directory = Path(directory)
+        config = read_config(directory)
+        fp = fingerprint(model)
+        base = config["base_model"]
+        if base.get("fingerprint") != fp:
+            raise StateError(
+                f"the editor state in {directory} was made for base model {base.get('name_or_path')!r} "
+                f"(fingerprint {base.get('fingerprint')}), but the given model "
+                f"{getattr(model, 'name_or_path', '?')!r} has fingerprint {fp}: load the state onto the model it was made for"
+            )
+        hp = HParams.from_dict(config["hparams"])
+        tensors = load_file(str(directory / config["tensors"]))
+        layout = detect_layout(model)
+        layers = {}
+        for l in hp.layers:
+            w0 = mlp_out_weight(model, layout, l)
+            try:
+                delta, c_accu = tensors[f"delta.{l}"], tensors[f"c_accu.{l}"]
+            except KeyError as err:
+                raise StateError(f"editor state in {directory} lacks tensor {err}") from None
+            if tuple(delta.shape) != tuple(w0.shape) or c_accu.shape != (w0.shape[1], w0.shape[1]):
+                raise StateError(f"editor state in {directory}: layer {l} tensors do not match the model's shapes")
+            layers[l] = LayerState(delta.to(w0.device, torch.float32), c_accu.to(w0.device, torch.float64),
+                                   float(config["alpha"][str(l)]))
+        return cls(model, tokenizer, hp, layers, config["context_templates"], model_fingerprint=fp,
+                   stats_provenance=config.get("statistics"), n_batches=int(config["n_batches"]),
+                   n_edits=int(config["n_edits"]), progress=progress)
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    """The saved config, with errors that say what is wrong with the folder."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise StateError(f"{directory} holds no comeba editor state ({CONFIG_FILE} missing)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise StateError(f"{path} is not valid JSON: {err}") from None
+    if config.get("format") != FORMAT:
+        raise StateError(f"{path} is not a comeba editor state (format {config.get('format')!r})")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise StateError(f"{path} has format version {config.get('format_version')}, this comeba reads {FORMAT_VERSION}")
+    if not (Path(directory) / config.get("tensors", "")).is_file():
+        raise StateError(f"{directory}: tensor file {config.get('tensors')!r} named in {CONFIG_FILE} is missing")
+    return config
+
+
+# ---------------------------------------------------------------------------- α and generation
+
+
+@torch.no_grad()
+def batch_gate_maxima(model, tokenizer, layout: Layout, prompts: Sequence[str],
+                      deltas: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Per layer, each prompt's largest gate score under ΔW, keys from the model as it runs (no hooks)."""
+    device = model_device(model)
+    ids, mask = pad_batch([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id, device)
+    names = {l: layout.mlp_out_name(l) for l in deltas}
+    last = names[max(deltas)]
+    with trace(model, list(names.values()), inputs=True, stop_after=last) as rec:
+        model(input_ids=ids, attention_mask=mask)
+    out = {}
+    for l, name in names.items():
+        m = (rec[name].input.float() @ deltas[l].to(device, torch.float32).T).norm(dim=-1)
+        z = gate_scores(m, mask)
+        out[l] = torch.nan_to_num(z, nan=-math.inf).max(dim=1).values
+    return out
+
+
+def adapt_alpha(alpha: float, prompt_maxima: torch.Tensor) -> float:
+    """α = min(α, min over prompts of their max gate score); never increases, ignores non-finite scores."""
+    finite = prompt_maxima[torch.isfinite(prompt_maxima)]
+    if finite.numel() == 0:
+        return alpha
+    return min(alpha, float(finite.min()))
+
+
+@torch.no_grad()
+def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 20) -> list[str]:
+    """Greedy continuations, one prompt at a time (no padding to perturb the gate)."""
+    device = model_device(model)
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=device)
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        out.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+    return out

@@ -1,0 +1,110 @@
+"""Hyperparameters, with EasyEdit's key names so existing YAML files load as they are."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+# EasyEdit keys that name modules or devices: our layout table and the caller decide those.
+IGNORED_KEYS = {
+    "alg_name", "model_name", "device", "layer_selection", "rewrite_module_tmp", "layer_module_tmp",
+    "mlp_module_tmp", "attn_module_tmp", "ln_f_module", "lm_head_module", "model_parallel",
+    "stats_dir", "max_length", "fp16", "mom2_adjustment", "v_loss_layer",
+}
+ALIASES = {"mom2_n_samples": "mom2_n_tokens", "threshold": "alpha", "init_alpha": "alpha"}
+
+
+class HParamsError(ValueError):
+    """A hyperparameter file or value that cannot be used."""
+
+
+@dataclass
+class HParams:
+    """COMEBA-HK settings (EasyEdit names). Defaults are tuned for the embedded SmolLM2-135M.
+
+    `mom2_update_weight` is λ in C_accu = λ·C0 + Σ KKᵀ with C0 normalised per
+    token; `alpha` is the initial gate threshold α₀.
+    """
+
+    layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
+    fact_token: str = "subject_last"
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.5
+    v_weight_decay: float = 1e-3
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 0.05
+    mom2_update_weight: float = 1000.0
+    mom2_dataset: str = "auto"
+    mom2_n_tokens: int = 100_000
+    mom2_dtype: str = "float32"
+    alpha: float = 2.2
+    context_template_length: int = 10
+    context_template_prefixes: list[str] = field(
+        default_factory=lambda: ["The", "Therefore", "Because", "I", "You"]
+    )
+    batch_size: int = 30
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not self.layers or any(not isinstance(l, int) or l < 0 for l in self.layers):
+            raise HParamsError(f"layers must be a non-empty list of layer indices, got {self.layers!r}")
+        if sorted(set(self.layers)) != list(self.layers):
+            raise HParamsError(f"layers must be increasing and distinct, got {self.layers!r}")
+        if self.fact_token != "subject_last":
+            raise HParamsError(f"fact_token {self.fact_token!r} is not supported (only 'subject_last')")
+        for name in ("v_lr", "mom2_update_weight", "clamp_norm_factor"):
+            if not getattr(self, name) > 0:
+                raise HParamsError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("v_num_grad_steps", "mom2_n_tokens", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise HParamsError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.mom2_dtype not in ("float32", "float64"):
+            raise HParamsError(f"mom2_dtype must be float32 or float64, got {self.mom2_dtype!r}")
+
+    def check_model(self, n_layers: int) -> None:
+        if max(self.layers) >= n_layers:
+            raise HParamsError(f"layers {self.layers} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "HParams":
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        unknown = []
+        for key, value in values.items():
+            key = ALIASES.get(key, key)
+            if key in known:
+                kwargs[key] = value
+            elif key not in IGNORED_KEYS:
+                unknown.append(key)
+        if unknown:
+            raise HParamsError(f"unknown hyperparameter(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        try:
+            return cls(**kwargs)
+        except TypeError as err:
+            raise HParamsError(str(err)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "HParams":
+        try:
+            values = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise HParamsError(f"hyperparameter file {str(path)!r} does not exist") from None
+        except yaml.YAMLError as err:
+            raise HParamsError(f"hyperparameter file {str(path)!r} is not valid YAML: {err}") from None
+        if not isinstance(values, Mapping):
+            raise HParamsError(f"hyperparameter file {str(path)!r} must hold a mapping of keys to values")
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "HParams":
+        return dataclasses.replace(self, **changes)

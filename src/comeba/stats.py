@@ -1,0 +1,282 @@
+"""Second-moment statistics of MLP keys: C0 = E[k kᵀ] over general text.
+
+This is the one expensive one-off step, so it streams the corpus, runs the
+model only up to the last edited layer, accumulates in float64 over the
+non-padding tokens, and caches the result on disk keyed by everything that
+changes it (model fingerprint, layer, corpus, token budget, dtype) with a
+JSON provenance file beside each tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from .files import atomic_save_tensors, atomic_write_text
+from .models import Layout, comeba_home, fingerprint
+from .text import encode_prompt, model_device, pad_batch
+from .trace import trace
+
+log = logging.getLogger(__name__)
+
+MAX_SEQ_LEN = 256
+MIN_PARAGRAPH_CHARS = 20
+SAMPLE_SEEDS = ("The", "In", "A", "It", "When", "He", "She", "This", "There", "After", "According to", "Many")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Where key statistics come from: local text, a HF dataset, or the model's own samples.
+
+    `ident` names it uniquely for the cache (it changes when the text does);
+    `describe` is what the user is told.
+    """
+
+    kind: str  # "text" | "hf" | "samples"
+    paths: tuple[str, ...] = ()
+    dataset: str = ""
+    ident: str = ""
+    describe: str = ""
+
+
+def text_corpus(paths: Sequence[str | os.PathLike]) -> Corpus:
+    """Local .txt files or folders of them; identity is a hash of their bytes."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(q for q in p.rglob("*.txt") if q.is_file()))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"statistics text {str(p)!r} does not exist")
+    if not files:
+        raise FileNotFoundError(f"no .txt files found in {', '.join(map(str, paths))}")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    names = "+".join(f.stem for f in files)[:40]
+    return Corpus(
+        kind="text",
+        paths=tuple(str(f.resolve()) for f in files),
+        ident=f"text-{_safe(names)}-{h.hexdigest()[:12]}",
+        describe=f"local text: {', '.join(str(f) for f in files)}",
+    )
+
+
+def hf_corpus(spec: str = "wikitext:wikitext-103-raw-v1:train") -> Corpus:
+    """A Hugging Face dataset given as NAME[:CONFIG[:SPLIT]] (needs `datasets` and network)."""
+    return Corpus(kind="hf", dataset=spec, ident=f"hf-{_safe(spec)}", describe=f"Hugging Face dataset {spec}")
+
+
+def samples_corpus(seed: int = 0) -> Corpus:
+    """Text sampled from the model itself: needs nothing, works offline."""
+    return Corpus(
+        kind="samples",
+        ident=f"samples-seed{seed}",
+        describe=f"text sampled from the model itself (offline fallback, seed {seed})",
+        dataset=str(seed),
+    )
+
+
+def default_corpus(timeout: float = 3.0) -> Corpus:
+    """wikitext-103 when `datasets` is installed and the hub is reachable, else the model's samples."""
+    try:
+        import datasets  # noqa: F401
+
+        if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE"):
+            raise OSError("offline mode")
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return hf_corpus()
+    except (ImportError, OSError):
+        return samples_corpus()
+
+
+def _safe(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)
+
+
+# --------------------------------------------------------------------------- text streams
+
+
+def _paragraphs_from_files(paths: Sequence[str]) -> Iterator[str]:
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                line = line.strip()
+                if len(line) >= MIN_PARAGRAPH_CHARS and not line.startswith("="):
+                    yield line
+
+
+def _paragraphs_from_hf(spec: str) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError("a Hugging Face statistics corpus needs `pip install datasets`") from err
+    name, config, split = (spec.split(":") + [None, None])[:3]
+    ds = datasets.load_dataset(name, config, split=split or "train", streaming=True)
+    for row in ds:
+        text = (row.get("text") or "").strip()
+        if len(text) >= MIN_PARAGRAPH_CHARS:
+            yield text
+
+
+def _sampled_batches(model, tokenizer, seed: int, batch: int, length: int) -> Iterator[list[list[int]]]:
+    """Endless batches of model samples (top-k 50), seeded for reproducibility."""
+    gen = torch.Generator().manual_seed(seed)
+    device = model_device(model)
+    round_ = 0
+    while True:
+        starts = [SAMPLE_SEEDS[(round_ * batch + i) % len(SAMPLE_SEEDS)] for i in range(batch)]
+        seqs = [encode_prompt(tokenizer, s) for s in starts]
+        # Equal-length seeds per batch keep the sampler simple (no left padding needed).
+        width = min(len(s) for s in seqs)
+        ids = torch.tensor([s[:width] for s in seqs], device=device)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            top_k=50,
+            max_new_tokens=length,
+            min_new_tokens=length,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        yield [row.tolist() for row in out]
+        round_ += 1
+
+
+def _token_batches(corpus: Corpus, model, tokenizer, batch_size: int) -> Iterator[list[list[int]]]:
+    if corpus.kind == "samples":
+        yield from _sampled_batches(model, tokenizer, int(corpus.dataset or 0), batch_size, MAX_SEQ_LEN // 2)
+        return
+    paragraphs = _paragraphs_from_files(corpus.paths) if corpus.kind == "text" else _paragraphs_from_hf(corpus.dataset)
+    batch: list[list[int]] = []
+    for text in paragraphs:
+        batch.append(encode_prompt(tokenizer, text)[:MAX_SEQ_LEN])
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# --------------------------------------------------------------------------- computation
+
+
+@torch.no_grad()
+def compute_second_moments(
+    model,
+    tokenizer,
+    layout: Layout,
+    layers: Sequence[int],
+    corpus: Corpus,
+    n_tokens: int,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[dict[int, torch.Tensor], int]:
+    """E[k kᵀ] (float64) at each layer's MLP-output input, over up to `n_tokens` non-padding tokens.
+
+    All layers come from one forward pass per batch that stops after the
+    last of them. The model must carry no hooks that change its activations.
+    """
+    layers = sorted(set(layers))
+    names = [layout.mlp_out_name(l) for l in layers]
+    device = model_device(model)
+    sums: dict[int, torch.Tensor] = {}
+    count = 0
+    bar = tqdm(total=n_tokens, desc=f"key statistics ({corpus.kind})", unit="tok", disable=not progress)
+    try:
+        for seqs in _token_batches(corpus, model, tokenizer, batch_size):
+            ids, mask = pad_batch(seqs, tokenizer.pad_token_id, device)
+            with trace(model, names, inputs=True, stop_after=names[-1]) as rec:
+                model(input_ids=ids, attention_mask=mask)
+            valid = mask.reshape(-1).bool()
+            for layer, name in zip(layers, names):
+                k = rec[name].input.reshape(-1, rec[name].input.shape[-1])[valid].to(torch.float64)
+                if layer not in sums:
+                    sums[layer] = torch.zeros(k.shape[1], k.shape[1], dtype=torch.float64, device=device)
+                sums[layer].addmm_(k.T, k)
+            added = int(valid.sum())
+            count += added
+            bar.update(min(added, max(0, n_tokens - bar.n)))
+            if count >= n_tokens:
+                break
+    finally:
+        bar.close()
+    if count == 0:
+        raise ValueError(f"statistics corpus ({corpus.describe}) yielded no tokens")
+    if count < n_tokens:
+        log.warning("statistics corpus ran out: %d of %d tokens", count, n_tokens)
+    return {l: s / count for l, s in sums.items()}, count
+
+
+def stats_dir(model_fp: str, corpus: Corpus) -> Path:
+    return comeba_home() / "stats" / model_fp / corpus.ident
+
+
+def _file_stem(layer: int, n_tokens: int, dtype: str) -> str:
+    return f"layer{layer}-{n_tokens}tok-{dtype}"
+
+
+def load_or_compute_stats(
+    model,
+    tokenizer,
+    layout: Layout,
+    layers: Sequence[int],
+    corpus: Corpus,
+    n_tokens: int,
+    dtype: str = "float32",
+    model_fp: str | None = None,
+    progress: bool = True,
+) -> tuple[dict[int, torch.Tensor], dict]:
+    """C0 per layer (float64 in memory) from the disk cache, computing what is missing.
+
+    Returns the matrices and a provenance dict (corpus, tokens, cache files).
+    """
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"statistics dtype must be float32 or float64, not {dtype!r}")
+    model_fp = model_fp or fingerprint(model)
+    folder = stats_dir(model_fp, corpus)
+    out: dict[int, torch.Tensor] = {}
+    provenance = {"corpus": corpus.describe, "corpus_id": corpus.ident, "n_tokens_requested": n_tokens,
+                  "dtype": dtype, "model_fingerprint": model_fp, "layers": {}}
+    missing = []
+    for layer in layers:
+        stem = _file_stem(layer, n_tokens, dtype)
+        tensor_file, meta_file = folder / f"{stem}.safetensors", folder / f"{stem}.json"
+        if tensor_file.is_file() and meta_file.is_file():
+            out[layer] = load_file(str(tensor_file))["mom2"].to(torch.float64)
+            provenance["layers"][str(layer)] = json.loads(meta_file.read_text())
+        else:
+            missing.append(layer)
+    if missing:
+        start = time.perf_counter()
+        log.info("computing key statistics for layers %s from %s", missing, corpus.describe)
+        mats, count = compute_second_moments(model, tokenizer, layout, missing, corpus, n_tokens, progress=progress)
+        seconds = time.perf_counter() - start
+        folder.mkdir(parents=True, exist_ok=True)
+        for layer, mat in mats.items():
+            stem = _file_stem(layer, n_tokens, dtype)
+            meta = {"layer": layer, "module": layout.mlp_out_name(layer), "corpus": corpus.describe,
+                    "corpus_id": corpus.ident, "n_tokens": count, "n_tokens_requested": n_tokens,
+                    "dtype": dtype, "model_fingerprint": model_fp, "seconds": round(seconds, 2),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            atomic_save_tensors(folder / f"{stem}.safetensors", {"mom2": mat.to(getattr(torch, dtype)).cpu().contiguous()})
+            atomic_write_text(folder / f"{stem}.json", json.dumps(meta, indent=2))
+            out[layer] = mat.to(getattr(torch, dtype)).to(torch.float64)
+            provenance["layers"][str(layer)] = meta
+    return out, provenance
