@@ -38,3 +38,54 @@ def make_tiny(tokenizer):
 def tiny_model(arch, make_tiny):
     """A fresh tiny model of each arch in turn (parametrised over ARCHS via `arch`)."""
     return make_tiny(arch)
+
+
+# --------------------------------------------------------------------------- core-test helpers
+
+
+@pytest.fixture
+def one_thread():
+    """Run tiny models on one thread: a 2-core box shared with other jobs makes OpenMP spin badly."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    """A small local statistics corpus (about 6k tokens).
+
+    Lines are at most 100 characters, so no sequence outruns the tiny models'
+    128 positions (comeba truncates statistics sequences at 256 tokens).
+    """
+    import textwrap
+
+    from tiny import _training_lines
+
+    lines = [w for line in _training_lines(200) for w in textwrap.wrap(line, 100) if len(w) >= 20]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def comeba_home(tmp_path, monkeypatch) -> Path:
+    """A private, empty COMEBA_HOME for one test (never the user's cache)."""
+    home = tmp_path / "comeba-home"
+    monkeypatch.setenv("COMEBA_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def _shared_home_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("comeba-home-shared")
+
+
+@pytest.fixture
+def shared_comeba_home(_shared_home_dir, monkeypatch) -> Path:
+    """A COMEBA_HOME in the session's tmp dir, shared between tests so statistics are computed once."""
+    monkeypatch.setenv("COMEBA_HOME", str(_shared_home_dir))
+    return _shared_home_dir

@@ -8,7 +8,10 @@ attached), so the caller decides what "the model as edited so far" means.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -188,77 +191,131 @@ def target_values(
     return torch.cat(out)
 
 
+def _cache_kwarg(model) -> str:
+    """transformers 5 calls the KV cache `cache`; earlier versions `past_key_values`."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@contextmanager
+def _replay_layers(model, layout: Layout, last: int, output: Callable[[], torch.Tensor]):
+    """Skip decoder layers 0..last: they pass their input through and `last` returns `output()`.
+
+    Layers up to the edited layer l_n do not depend on δ (it is added at l_n's
+    output), so their result is computed once and replayed in every step.
+    Forward hooks on layer `last` (which add δ) still run.
+    """
+    layers = get_module(model, layout.layers)
+
+    def passthrough(*args, **kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+    def replay(*args, **kwargs):
+        return output()
+
+    try:
+        for i in range(last + 1):
+            layers[i].forward = replay if i == last else passthrough
+        yield
+    finally:
+        for i in range(last + 1):
+            layers[i].__dict__.pop("forward", None)
+
+
 def _target_values_chunk(model, tokenizer, layout, requests, hp: HParams, templates) -> torch.Tensor:
+    """Optimise δ for a few requests at once (each on its own Adam schedule).
+
+    Speed: every sequence is split at the subject's last token. The prefix
+    (left-padded, explicit positions) is run once with a KV cache; each step
+    then runs only the suffix, through the layers after l_n, with δ added at
+    suffix position 0 — exactly the computation of the whole sequence.
+    """
     device = model_device(model)
-    layer_name = layout.layer_name(hp.layers[-1])
+    last = hp.layers[-1]
+    layer_name = layout.layer_name(last)
     norm_name = layout.final_norm
     lm_head = get_module(model, layout.lm_head)
     seqs = _rewrite_sequences(tokenizer, requests, templates)
-    n = len(requests)
-    owner_all = torch.tensor(seqs.owner, device=device)
+    n, n_seq = len(requests), len(seqs.ids)
+    pad = tokenizer.pad_token_id
 
-    d_model = lm_head.weight.shape[-1]
-    delta = torch.zeros(n, d_model, device=device)
+    # Layout [left-padded prefix | right-padded suffix], the suffix starting at the subject's last token.
+    P = max(seqs.lookup)
+    S = max(len(ids) - lk for ids, lk in zip(seqs.ids, seqs.lookup))
+    ids = torch.full((n_seq, P + S), pad, dtype=torch.long)
+    mask = torch.zeros((n_seq, P + S), dtype=torch.long)
+    for i, (row, lk) in enumerate(zip(seqs.ids, seqs.lookup)):
+        ids[i, P - lk : P + len(row) - lk] = torch.tensor(row)
+        mask[i, P - lk : P + len(row) - lk] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+
+    # One pass over the whole sequences (the caller's hooks active): l_n's output and the prefix cache.
+    cache_kw = _cache_kwarg(model)
+    with torch.no_grad(), trace(model, [layer_name], outputs=True) as rec:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    h_suffix = rec[layer_name].output[:, P:].detach()
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    if cache is None or not hasattr(cache, "crop"):
+        raise RuntimeError(f"{type(model).__name__} returned no croppable KV cache")
+    cache.crop(-S)  # negative: drop the suffix (same meaning in transformers 4 and 5)
+    del out
+
+    owner_all = torch.tensor(seqs.owner, device=device)
+    bare = torch.arange(n, device=device) * (len(templates) + 1)  # template 0 is the bare prompt
+    h_init = h_suffix[bare, 0].float()
+    # Target tokens in suffix coordinates: (sequence, position, token id).
+    tgt = torch.tensor([(i, p - seqs.lookup[i], t) for i in range(n_seq) for p, t in seqs.targets[i]], device=device)
+    kl_seq = torch.tensor([i for i in range(n_seq) if seqs.is_kl[i]], device=device)
+
+    delta = torch.zeros_like(h_init)
     adam = _Adam(delta.shape, hp.v_lr, device)
-    h_init: torch.Tensor | None = None
     kl_init: torch.Tensor | None = None
     active = torch.ones(n, dtype=torch.bool, device=device)
     final_loss = torch.full((n,), float("nan"))
-    per_request = len(templates) + 1
 
     for it in range(hp.v_num_grad_steps):
-        rows = [i for i, o in enumerate(seqs.owner) if active[o]]
-        ids, mask = pad_batch([seqs.ids[i] for i in rows], tokenizer.pad_token_id, device)
+        rows = active[owner_all].nonzero().squeeze(1)
         owner = owner_all[rows]
-        lookup = torch.tensor([seqs.lookup[i] for i in rows], device=device)
-        batch_idx = torch.arange(len(rows), device=device)
         delta_param = delta.detach().clone().requires_grad_(True)
+        step_cache = copy.deepcopy(cache)
+        if len(rows) != n_seq:
+            step_cache.batch_select_indices(rows)
 
         def add_delta(name: str, h: torch.Tensor) -> torch.Tensor:
             if name != layer_name:
                 return h
-            add = torch.zeros_like(h).index_put((batch_idx, lookup), delta_param[owner].to(h.dtype))
+            add = torch.zeros_like(h)
+            add[:, 0] = delta_param[owner].to(h.dtype)
             return h + add
 
-        with torch.enable_grad(), trace(
+        with torch.enable_grad(), _replay_layers(model, layout, last, lambda: h_suffix[rows]), trace(
             model, [layer_name, norm_name], outputs=True, edit_output=add_delta, stop_after=norm_name
         ) as rec:
-            model(input_ids=ids, attention_mask=mask)
+            model(input_ids=ids[rows, P:], attention_mask=mask[rows], position_ids=positions[rows, P:],
+                  use_cache=True, **{cache_kw: step_cache})
         hidden = rec[norm_name].output
-        if h_init is None:  # first pass, all requests active, δ = 0: template 0 is the bare prompt
-            h_out = rec[layer_name].output.detach()
-            bare = torch.arange(n, device=device) * per_request
-            h_init = h_out[bare, lookup[bare]].float()
+        # Map global sequence index -> row in this step's batch.
+        where = torch.full((n_seq,), -1, dtype=torch.long, device=device)
+        where[rows] = torch.arange(len(rows), device=device)
 
-        # Rewriting NLL, averaged per request over its prompts.
-        pos_b, pos_t, tok_ids, seq_of_tok = [], [], [], []
-        kl_rows, kl_pos = [], []
-        for j, i in enumerate(rows):
-            if seqs.is_kl[i]:
-                kl_rows.append(j)
-                kl_pos.append(seqs.lookup[i])
-            for p, t in seqs.targets[i]:
-                pos_b.append(j)
-                pos_t.append(p)
-                tok_ids.append(t)
-                seq_of_tok.append(j)
-        logits = lm_head(hidden[torch.tensor(pos_b, device=device), torch.tensor(pos_t, device=device)])
-        logp = torch.log_softmax(logits.float(), -1)
-        tok_lp = logp[torch.arange(len(tok_ids), device=device), torch.tensor(tok_ids, device=device)]
-        seq_of_tok_t = torch.tensor(seq_of_tok, device=device)
-        n_rows = len(rows)
-        seq_lp = torch.zeros(n_rows, device=device).index_add(0, seq_of_tok_t, tok_lp)
-        seq_len = torch.zeros(n_rows, device=device).index_add(0, seq_of_tok_t, torch.ones_like(tok_lp))
+        # Rewriting NLL: per prompt summed over target tokens / their number; mean over a request's prompts.
+        live = where[tgt[:, 0]] >= 0
+        t_rows, t_pos, t_ids = where[tgt[live, 0]], tgt[live, 1], tgt[live, 2]
+        logp = torch.log_softmax(lm_head(hidden[t_rows, t_pos]).float(), -1)
+        tok_lp = logp.gather(1, t_ids[:, None]).squeeze(1)
+        seq_lp = torch.zeros(len(rows), device=device).index_add(0, t_rows, tok_lp)
+        seq_len = torch.zeros(len(rows), device=device).index_add(0, t_rows, torch.ones_like(tok_lp))
         is_rewrite = seq_len > 0
         seq_nll = torch.where(is_rewrite, -seq_lp / seq_len.clamp(min=1), torch.zeros_like(seq_lp))
-        req_nll = torch.zeros(n, device=device).index_add(0, owner, seq_nll)
-        req_cnt = torch.zeros(n, device=device).index_add(0, owner, is_rewrite.float())
-        nll = req_nll / req_cnt.clamp(min=1)
+        nll = torch.zeros(n, device=device).index_add(0, owner, seq_nll) / torch.zeros(n, device=device).index_add(
+            0, owner, is_rewrite.float()
+        ).clamp(min=1)
 
-        # KL(p at δ=0 ‖ p now) on "{subject} is a" at the subject's last token.
-        kl_logits = lm_head(hidden[torch.tensor(kl_rows, device=device), torch.tensor(kl_pos, device=device)])
-        kl_logp = torch.log_softmax(kl_logits.float(), -1)
-        kl_owner = owner[torch.tensor(kl_rows, device=device)]
+        # KL(p at δ=0 ‖ p now) on "{subject} is a", at the subject's last token (suffix position 0).
+        kl_live = kl_seq[where[kl_seq] >= 0]
+        kl_logp = torch.log_softmax(lm_head(hidden[where[kl_live], 0]).float(), -1)
+        kl_owner = owner_all[kl_live]
         if kl_init is None:
             kl_init = torch.zeros(n, kl_logp.shape[-1], device=device)
             kl_init[kl_owner] = kl_logp.detach()
@@ -269,10 +326,8 @@ def _target_values_chunk(model, tokenizer, layout, requests, hp: HParams, templa
         loss = nll + hp.kl_factor * kl + decay
         with torch.no_grad():
             final_loss[active.cpu()] = loss[active].detach().cpu()
-            done = active & (loss.detach() < hp.early_stop_loss)
-            active &= ~done
+            active &= ~(loss.detach() < hp.early_stop_loss)
         if not bool(active.any()) or it == hp.v_num_grad_steps - 1:
-            delta = delta_param.detach()
             break
         (grad,) = torch.autograd.grad(loss[active].sum(), delta_param)
         new = delta_param.detach().clone()
@@ -282,7 +337,7 @@ def _target_values_chunk(model, tokenizer, layout, requests, hp: HParams, templa
         norm = new.norm(dim=-1, keepdim=True)
         delta = torch.where(norm > max_norm, new * max_norm / norm, new)
 
-    log.debug("target values: final losses %s", final_loss.tolist())
+    log.debug("target values: %d steps, final losses %s", it + 1, final_loss.tolist())
     return (h_init + delta).to(torch.float64)
 
 

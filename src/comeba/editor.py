@@ -196,9 +196,10 @@ class Editor:
                                        {l: s.delta for l, s in new.items()})
             for l, s in new.items():
                 s.alpha = adapt_alpha(s.alpha, scores[l])
-        finally:
+        except BaseException:
             if was_attached:
                 self.attach()
+            raise
         self.layers = new
         self.n_batches += 1
         self.n_edits += len(batch)

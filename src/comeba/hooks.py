@@ -86,7 +86,10 @@ class HookLayers:
         self._cast: dict[int, torch.Tensor] = {}
         self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
         self._state = _CallState()
-        self._top = model.register_forward_pre_hook(self._on_call, with_kwargs=True)
+        # The module that runs the decoder layers sees every call, also model.forward() or
+        # a wrapper's direct call of the base model, so per-call state resets there.
+        base = get_module(model, layout.layers.rsplit(".", 1)[0])
+        self._top = base.register_forward_pre_hook(self._on_call, with_kwargs=True)
         for layer, w in (layers or {}).items():
             self.set(layer, w)
 
@@ -115,7 +118,7 @@ class HookLayers:
 
     # -- hooks
     def _on_call(self, module, args, kwargs):
-        """Top-level pre-hook: remember the attention mask; new sequences reset the gate statistics."""
+        """Pre-hook on the base model: remember the attention mask; new sequences reset the gate statistics."""
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs.get("inputs_embeds")

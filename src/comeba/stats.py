@@ -105,6 +105,17 @@ def default_corpus(timeout: float = 3.0) -> Corpus:
         return samples_corpus()
 
 
+def corpus_from_spec(spec: str, seed: int = 0) -> Corpus:
+    """`auto`, `samples`, a local file or folder of .txt, or a HF dataset NAME[:CONFIG[:SPLIT]]."""
+    if spec == "auto":
+        return default_corpus()
+    if spec == "samples":
+        return samples_corpus(seed)
+    if Path(spec).exists():
+        return text_corpus([spec])
+    return hf_corpus(spec)
+
+
 def _safe(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)
 
@@ -136,7 +147,6 @@ def _paragraphs_from_hf(spec: str) -> Iterator[str]:
 
 def _sampled_batches(model, tokenizer, seed: int, batch: int, length: int) -> Iterator[list[list[int]]]:
     """Endless batches of model samples (top-k 50), seeded for reproducibility."""
-    gen = torch.Generator().manual_seed(seed)
     device = model_device(model)
     round_ = 0
     while True:
@@ -145,16 +155,17 @@ def _sampled_batches(model, tokenizer, seed: int, batch: int, length: int) -> It
         # Equal-length seeds per batch keep the sampler simple (no left padding needed).
         width = min(len(s) for s in seqs)
         ids = torch.tensor([s[:width] for s in seqs], device=device)
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=True,
-            top_k=50,
-            max_new_tokens=length,
-            min_new_tokens=length,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's RNG
+            torch.manual_seed(seed * 100_003 + round_)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                top_k=50,
+                max_new_tokens=length,
+                min_new_tokens=length,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         yield [row.tolist() for row in out]
         round_ += 1
 
@@ -260,7 +271,7 @@ def load_or_compute_stats(
         tensor_file, meta_file = folder / f"{stem}.safetensors", folder / f"{stem}.json"
         if tensor_file.is_file() and meta_file.is_file():
             out[layer] = load_file(str(tensor_file))["mom2"].to(torch.float64)
-            provenance["layers"][str(layer)] = json.loads(meta_file.read_text())
+            provenance["layers"][str(layer)] = {**json.loads(meta_file.read_text()), "file": str(tensor_file), "cached": True}
         else:
             missing.append(layer)
     if missing:
@@ -278,5 +289,5 @@ def load_or_compute_stats(
             atomic_save_tensors(folder / f"{stem}.safetensors", {"mom2": mat.to(getattr(torch, dtype)).cpu().contiguous()})
             atomic_write_text(folder / f"{stem}.json", json.dumps(meta, indent=2))
             out[layer] = mat.to(getattr(torch, dtype)).to(torch.float64)
-            provenance["layers"][str(layer)] = meta
+            provenance["layers"][str(layer)] = {**meta, "file": str(folder / f"{stem}.safetensors"), "cached": False}
     return out, provenance

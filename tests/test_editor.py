@@ -1,0 +1,394 @@
+"""comeba.editor: consecutive batches on tiny models, the saved state, transactions."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from comeba.editor import CONFIG_FILE, Editor, StateError, batch_gate_maxima
+from comeba.hparams import HParams
+from comeba.models import weights_checksum
+from comeba.requests import RequestError
+from comeba.stats import text_corpus
+
+pytestmark = pytest.mark.usefixtures("one_thread", "shared_comeba_home")
+
+EDIT_ARCHS = ("gpt2", "llama", "gpt_neox")
+
+# Tiny random models predict almost uniformly and attention spreads an edit thin, so the
+# subject ends each prompt (δ acts where the target's first token is predicted), the
+# clamp is wide and λ small. Two layers, two templates, 20 value steps: ~0.2 s a batch.
+HP = dict(
+    layers=[1, 2],
+    v_num_grad_steps=20,
+    clamp_norm_factor=10.0,
+    mom2_update_weight=100.0,
+    mom2_n_tokens=2000,
+    context_template_prefixes=["The"],
+    context_template_length=6,
+)
+
+R1 = {"prompt": "The mother tongue of Danielle Darrieux", "subject": "Danielle Darrieux", "target_new": "English"}
+R2 = {"prompt": "The capital city of France", "subject": "France", "target_new": "Berlin"}
+R3 = {"prompt": "The favourite food of Michael Jordan", "subject": "Michael Jordan", "target_new": "pizza"}
+R4 = {"prompt": "The first album of the band", "subject": "the band", "target_new": "Paris"}
+UNRELATED = [
+    "Because the weather was cold, they stayed at home.",
+    "I think you should read the book before you watch the film.",
+    "The team played football in the stadium and won the game.",
+    "Her father was a doctor and her mother was a teacher at the local school.",
+    "The company was founded by an engineer who worked on computers.",
+    # short texts: z ≤ (n-1)/√n, so a 3-token text can never reach an α above 1.16
+    "The game",
+    "It was",
+    "Her father",
+]
+
+
+@pytest.fixture
+def new_editor(make_tiny, tokenizer, corpus_file):
+    """new_editor(arch, seed=0, **hparams) -> a fresh Editor on a fresh tiny model."""
+
+    def _make(arch: str, seed: int = 0, **changes) -> Editor:
+        model = make_tiny(arch, seed=seed)
+        return Editor.create(model, tokenizer, HParams(**{**HP, **changes}), corpus=text_corpus([corpus_file]),
+                             progress=False)
+
+    return _make
+
+
+def _ids(tokenizer, text):
+    return torch.tensor([tokenizer(text).input_ids])
+
+
+@torch.no_grad()
+def _p_first(model, tokenizer, request) -> float:
+    """P(first token of ' target' | prompt)."""
+    first = tokenizer(" " + request["target_new"], add_special_tokens=False).input_ids[0]
+    logits = model(input_ids=_ids(tokenizer, request["prompt"])).logits[0, -1]
+    return torch.softmax(logits.float(), -1)[first].item()
+
+
+@torch.no_grad()
+def _logits(model, tokenizer, text):
+    return model(input_ids=_ids(tokenizer, text)).logits
+
+
+def _snapshot(editor):
+    return (
+        {l: s.clone() for l, s in editor.layers.items()},
+        editor.n_batches,
+        editor.n_edits,
+        list(editor.templates),
+    )
+
+
+def _assert_state(editor, snap):
+    layers, n_batches, n_edits, templates = snap
+    assert editor.n_batches == n_batches and editor.n_edits == n_edits
+    assert editor.templates == templates
+    assert set(editor.layers) == set(layers)
+    for l, s in layers.items():
+        cur = editor.layers[l]
+        assert torch.equal(cur.delta, s.delta), f"layer {l}: ΔW changed"
+        assert torch.equal(cur.c_accu, s.c_accu), f"layer {l}: C_accu changed"
+        assert cur.alpha == s.alpha, f"layer {l}: alpha changed"
+
+
+def _hook_count(model) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()
+    )
+
+
+# --------------------------------------------------------------------------- editing works
+
+
+@pytest.mark.parametrize("arch", EDIT_ARCHS)
+def test_consecutive_batches_raise_their_targets(new_editor, tokenizer, arch):
+    editor = new_editor(arch)
+    model = editor.model
+    before = {k: _p_first(model, tokenizer, r) for k, r in (("r1", R1), ("r2", R2))}
+    alphas = [{l: s.alpha for l, s in editor.layers.items()}]
+
+    info = editor.edit([R1])
+    assert info["batch"] == 1 and info["n"] == 1
+    alphas.append(dict(info["alpha"]))
+    with editor.applied():
+        assert _p_first(model, tokenizer, R1) > 1.2 * before["r1"]
+    assert _p_first(model, tokenizer, R1) == before["r1"]  # detached again
+
+    alphas.append(dict(editor.edit([R2])["alpha"]))
+    with editor.applied():
+        after = {"r1": _p_first(model, tokenizer, R1), "r2": _p_first(model, tokenizer, R2)}
+    assert after["r1"] > 1.2 * before["r1"], "the first batch faded after the second"
+    assert after["r2"] > 1.2 * before["r2"]
+    assert editor.n_batches == 2 and editor.n_edits == 2
+    for prev, cur in zip(alphas, alphas[1:]):
+        for l in prev:
+            assert math.isfinite(cur[l]) and cur[l] <= prev[l]
+
+
+def test_alpha_never_increases_and_stays_finite(new_editor, tokenizer):
+    editor = new_editor("llama")
+    one_token = {"prompt": "The", "subject": "The", "target_new": "Paris"}  # a one-token prompt: no std
+    assert len(tokenizer(one_token["prompt"]).input_ids) == 1
+    prev = {l: s.alpha for l, s in editor.layers.items()}
+    for batch in ([one_token], [R1, R2], [one_token], [R3, R4]):
+        editor.edit(batch)
+        cur = {l: s.alpha for l, s in editor.layers.items()}
+        for l in cur:
+            assert math.isfinite(cur[l]), f"layer {l}: alpha {cur[l]}"
+            assert cur[l] <= prev[l]
+        if batch == [one_token]:
+            assert cur == prev  # its only score is NaN: ignored
+        prev = cur
+    for s in editor.layers.values():
+        assert s.delta.dtype == torch.float32 and s.c_accu.dtype == torch.float64
+
+
+def test_base_weights_never_change(new_editor, tokenizer):
+    editor = new_editor("gpt2")
+    model = editor.model
+    model.requires_grad_(True)  # even a model that is not frozen must not be trained
+    checksum = weights_checksum(model)
+    base = _logits(model, tokenizer, R1["prompt"])
+    hooks_before = _hook_count(model)
+    editor.edit([R1, R3])
+    assert weights_checksum(model) == checksum
+    assert all(p.grad is None for p in model.parameters())
+    editor.attach()
+    edited = _logits(model, tokenizer, R1["prompt"])
+    assert not torch.equal(edited, base)
+    editor.edit([R2])  # editing while attached
+    assert editor.attached
+    assert weights_checksum(model) == checksum
+    editor.detach()
+    assert weights_checksum(model) == checksum
+    assert _hook_count(model) == hooks_before
+    assert torch.equal(_logits(model, tokenizer, R1["prompt"]), base)
+
+
+def test_unrelated_text_gives_base_logits_exactly(new_editor, tokenizer):
+    editor = new_editor("llama")
+    editor.edit([R1, R2])
+    editor.edit([R3])
+    model = editor.model
+    deltas = {l: s.delta for l, s in editor.layers.items()}
+    assert all(s.alpha > 1.2 for s in editor.layers.values())
+    quiet = []
+    for text in UNRELATED:
+        maxima = batch_gate_maxima(model, tokenizer, editor.layout, [text], deltas)
+        if all(float(maxima[l][0]) < editor.layers[l].alpha for l in deltas):
+            quiet.append(text)
+    assert quiet, "every unrelated text opened some gate"
+    base = {t: _logits(model, tokenizer, t) for t in quiet + [R1["prompt"]]}
+    with editor.applied():
+        for t in quiet:
+            assert torch.equal(_logits(model, tokenizer, t), base[t]), t
+        assert not torch.equal(_logits(model, tokenizer, R1["prompt"]), base[R1["prompt"]])
+
+
+def test_edited_generation_same_with_and_without_cache(new_editor, tokenizer):
+    editor = new_editor("llama")
+    editor.edit([R1, R2])
+    model = editor.model
+    ids = _ids(tokenizer, UNRELATED[1])
+
+    def gen(use_cache):
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=10, min_new_tokens=10, use_cache=use_cache)
+
+    with editor.applied():
+        cached, uncached, again = gen(True), gen(False), gen(True)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, again)
+    # and Editor.generate (greedy, cached) agrees with it
+    assert editor.generate([UNRELATED[1]], max_new_tokens=10)[0] == tokenizer.decode(
+        cached[0, ids.shape[1]:], skip_special_tokens=True
+    )
+
+
+# --------------------------------------------------------------------------- state on disk
+
+
+@pytest.mark.parametrize("arch", EDIT_ARCHS)
+def test_save_load_resume(new_editor, make_tiny, tokenizer, tmp_path, arch):
+    editor = new_editor(arch)
+    editor.edit([R1])
+    editor.save(tmp_path / "state")
+
+    fresh = make_tiny(arch, seed=0)
+    loaded = Editor.load(tmp_path / "state", fresh, tokenizer, progress=False)
+    assert loaded.n_batches == 1 and loaded.n_edits == 1
+    assert loaded.templates == editor.templates
+    assert loaded.hparams == editor.hparams
+    for l, s in editor.layers.items():
+        assert loaded.layers[l].alpha == s.alpha
+        assert torch.equal(loaded.layers[l].delta, s.delta)
+        assert torch.equal(loaded.layers[l].c_accu, s.c_accu)
+    with editor.applied(), loaded.applied():
+        for text in (R1["prompt"], UNRELATED[0]):
+            assert torch.equal(_logits(fresh, tokenizer, text), _logits(editor.model, tokenizer, text))
+
+    # it resumes: the next batch gives the same state on both
+    editor.edit([R2])
+    loaded.edit([R2])
+    assert loaded.n_batches == 2 and loaded.n_edits == 2
+    for l, s in editor.layers.items():
+        torch.testing.assert_close(loaded.layers[l].delta, s.delta, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(loaded.layers[l].c_accu, s.c_accu)
+        assert loaded.layers[l].alpha == pytest.approx(s.alpha)
+
+
+def test_state_size_is_fixed_and_save_is_atomic(new_editor, tmp_path):
+    editor = new_editor("llama")
+    directory = tmp_path / "state"
+    editor.edit([R1])
+    editor.save(directory)
+    [first] = list(directory.glob("state-*.safetensors"))
+    size = first.stat().st_size
+    n = sum(w.numel() for s in editor.layers.values() for w in (s.delta, s.c_accu))
+    assert size >= 4 * n  # the whole state is in the file
+    for batch in ([R2], [R3, R4]):
+        editor.edit(batch)
+        editor.save(directory)
+        files = sorted(p.name for p in directory.iterdir())
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        state_files = [f for f in files if f.startswith("state-") and f.endswith(".safetensors")]
+        assert state_files == [config["tensors"]]
+        assert files == sorted([CONFIG_FILE, config["tensors"]])  # no temporary leftovers
+    assert config["n_batches"] == 3 and config["n_edits"] == 4
+    assert (directory / config["tensors"]).stat().st_size == size
+    assert {int(k): v for k, v in config["alpha"].items()} == {l: s.alpha for l, s in editor.layers.items()}
+
+
+def test_load_onto_another_model_is_refused(new_editor, make_tiny, tokenizer, tmp_path):
+    editor = new_editor("gpt2")
+    editor.edit([R1])
+    editor.save(tmp_path / "state")
+    other = make_tiny("gpt2", seed=1)
+    with pytest.raises(StateError, match="fingerprint"):
+        Editor.load(tmp_path / "state", other, tokenizer)
+    with pytest.raises(StateError):
+        Editor.load(tmp_path / "nowhere", other, tokenizer)
+
+
+# --------------------------------------------------------------------------- transactions
+
+
+BAD_REQUESTS = [
+    {"prompt": "The capital city of France", "subject": "Germany", "target_new": "Berlin"},  # subject missing
+    {"prompt": "The capital city of France", "subject": "France", "target_new": "   "},  # empty target
+    {"prompt": "France is next to France", "subject": "France", "target_new": "Spain"},  # subject twice
+    {"prompt": "The capital city of France", "subject": "France"},  # no target
+]
+
+
+@pytest.mark.parametrize("bad", range(len(BAD_REQUESTS)))
+def test_bad_request_leaves_state_untouched(new_editor, tokenizer, bad):
+    editor = new_editor("gpt2")
+    editor.edit([R1])
+    snap = _snapshot(editor)
+    with pytest.raises(RequestError):
+        editor.edit([R2, BAD_REQUESTS[bad]])  # a good one first: nothing of the batch is written
+    _assert_state(editor, snap)
+    with pytest.raises(RequestError):
+        editor.edit([])
+    _assert_state(editor, snap)
+
+
+def test_interrupt_mid_edit_leaves_state_untouched(new_editor, tokenizer, tmp_path):
+    editor = new_editor("llama")
+    editor.edit([R1])
+    editor.save(tmp_path / "state")
+    model = editor.model
+
+    # count the forward passes one batch makes, then start again from the saved state
+    calls = [0]
+    counter = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        editor.edit([R2, R3])
+    finally:
+        counter.remove()
+    total = calls[0]
+    assert total > 10
+
+    editor = Editor.load(tmp_path / "state", model, tokenizer, progress=False)
+    editor.attach()
+    edited = _logits(model, tokenizer, R1["prompt"])
+    snap = _snapshot(editor)
+    hooks = _hook_count(model)
+
+    for n in (1, total // 2, total - 1, total):  # in target values, layer writing, the α pass
+        calls = [0]
+
+        def interrupt(*_):
+            calls[0] += 1
+            if calls[0] == n:
+                raise KeyboardInterrupt
+
+        handle = model.register_forward_pre_hook(interrupt)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                editor.edit([R2, R3])
+        finally:
+            handle.remove()
+        _assert_state(editor, snap)
+        assert editor.attached
+        assert _hook_count(model) == hooks, f"hooks left behind after an interrupt at pass {n}"
+        assert torch.equal(_logits(model, tokenizer, R1["prompt"]), edited)
+
+    editor.edit([R2, R3])  # and it still works afterwards
+    assert editor.n_batches == 2
+
+
+# --------------------------------------------------------------------------- batch-mates, precision, odd prompts
+
+
+def test_target_values_and_keys_do_not_depend_on_batch_mates(new_editor, tokenizer):
+    from comeba.compute import subject_keys, target_values
+    from comeba.hooks import HookLayers
+    from comeba.requests import make_requests
+
+    editor = new_editor("llama")
+    editor.edit([R3, R4])  # so the validated hooks are not no-ops
+    long_one = {"prompt": "The long and winding history of the old city of Rome", "subject": "Rome",
+                "target_new": "London"}
+    reqs = make_requests([R1, long_one, R2])  # R1 is right-padded next to the long one
+    model, layout, hp = editor.model, editor.layout, editor.hparams
+    with HookLayers(model, layout, editor.hook_weights()):
+        z_all = target_values(model, tokenizer, layout, reqs, hp, editor.templates, progress=False)
+        z_one = target_values(model, tokenizer, layout, reqs[:1], hp, editor.templates, progress=False)
+        for layer in hp.layers:
+            k_all = subject_keys(model, tokenizer, layout, layer, reqs, editor.templates)
+            k_one = subject_keys(model, tokenizer, layout, layer, reqs[:1], editor.templates)
+            torch.testing.assert_close(k_all[0], k_one[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z_all[0], z_one[0], rtol=1e-4, atol=1e-5)
+
+
+def test_low_precision_model_keeps_full_precision_state(make_tiny, tokenizer, corpus_file):
+    model = make_tiny("llama").to(torch.bfloat16)
+    checksum = weights_checksum(model)
+    editor = Editor.create(model, tokenizer, HParams(**HP), corpus=text_corpus([corpus_file]), progress=False)
+    editor.edit([R1])
+    for s in editor.layers.values():
+        assert s.delta.dtype == torch.float32 and s.c_accu.dtype == torch.float64
+        assert torch.isfinite(s.delta).all() and s.delta.abs().sum() > 0
+    assert weights_checksum(model) == checksum
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with editor.applied():
+        assert torch.isfinite(_logits(model, tokenizer, R1["prompt"]).float()).all()
+
+
+def test_prompt_with_literal_braces(new_editor, tokenizer):
+    editor = new_editor("gpt2")
+    request = {"prompt": "The {odd} capital city of France", "subject": "France", "target_new": "Berlin"}
+    before = _p_first(editor.model, tokenizer, request)
+    editor.edit([request])
+    with editor.applied():
+        assert _p_first(editor.model, tokenizer, request) > before
