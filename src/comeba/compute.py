@@ -369,21 +369,24 @@ def write_layers(
     covariance: Callable[[int], torch.Tensor],
     apply: Callable[[int, torch.Tensor], None],
     progress: bool = False,
+    solve: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[int, torch.Tensor]:
     """Write the targets into `layers` in order, spreading the residual over the layers left.
 
     For layer l_i: K at l_i, R = (Z − current output of l_n) / (layers left),
     Δ = solve_update(R, K, covariance(l_i)), then `apply(l_i, Δ)` — which must
     make the model compute with the new weights before the next layer's keys
-    are read. Returns the keys per layer (to accumulate into C_accu).
+    are read. `solve(R, K, C)` defaults to `solve_update` (AlphaEdit passes
+    its null-space variant). Returns the keys per layer (to accumulate).
     """
+    solve = solve or solve_update
     keys: dict[int, torch.Tensor] = {}
     last = layers[-1]
     for i, layer in enumerate(tqdm(layers, desc="writing layers", disable=not progress)):
         K = subject_keys(model, tokenizer, layout, layer, requests, templates)
         current = subject_outputs(model, tokenizer, layout, last, requests)
         R = (targets.to(current.device) - current) / (len(layers) - i)
-        delta = solve_update(R, K, covariance(layer).to(K.device))
+        delta = solve(R, K, covariance(layer).to(K.device))
         apply(layer, delta)
         keys[layer] = K
         log.debug("layer %d: |R| %.3f |Δ| %.3f", layer, R.norm(dim=1).mean().item(), delta.norm().item())
