@@ -235,3 +235,20 @@ def test_real_model_batching_matches_single(tokenizer, make_tiny):
         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
     )
     assert ours[0] == ref[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox"])
+def test_cached_generation_matches_uncached(tokenizer, make_tiny, arch):
+    """use_cache=True (left-padded batches, KV cache) gives the tokens of the cache-free loop."""
+    torch.manual_seed(0)
+    model = make_tiny(arch)
+    prompts = ["The mother tongue of Danielle Darrieux is", "Hi", "Paris is the capital of"]
+    uncached = M.generate_tokens(model, tokenizer, prompts, [6, 3, 4])
+    assert [len(t) for t in uncached] == [6, 3, 4]
+    for batch_size in (1, 2, 3):  # unpadded, and left-padded batches of different lengths
+        assert M.generate_tokens(model, tokenizer, prompts, [6, 3, 4], use_cache=True,
+                                 batch_size=batch_size) == uncached
+    # sampling is seeded in both modes (the draws are taken in another order, so only per mode)
+    a = M.generate_tokens(model, tokenizer, prompts, 5, top_k=5, seed=3, use_cache=True)
+    assert a == M.generate_tokens(model, tokenizer, prompts, 5, top_k=5, seed=3, use_cache=True)
+    assert M.exact_match_generation(model, tokenizer, prompts[:1], ["x"], use_cache=True) == [False]

@@ -9,6 +9,8 @@ covariance they solve against:
 - ``no-hook``: C_accu = λ·C0 + Σ_past K Kᵀ, exactly the hook variant's
   accumulation (unlike the reference's wohk, which also weights past keys by
   λ), so the two differ only by the hook.
+- ``alphaedit``: AlphaEdit (comeba.alphaedit): Δ projected onto the null
+  space of C0, solved against the earlier batches' keys Σ_past K Kᵀ (no λ·C0).
 
 These editors modify the model: `restore()` puts W_0 back.
 """
@@ -20,12 +22,13 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from . import alphaedit
 from .compute import context_templates, target_values, write_layers
 from .hparams import HParams
 from .models import detect_layout, mlp_out_weight, num_layers
 from .requests import Request, make_requests
 
-METHODS = ("memit", "seq-memit", "no-hook")
+METHODS = ("memit", "seq-memit", "no-hook", "alphaedit")
 
 
 class WeightEditor:
@@ -51,9 +54,18 @@ class WeightEditor:
         self.progress = progress
         self.templates = list(templates) if templates is not None else context_templates(model, tokenizer, hparams)
         self.original = {l: mlp_out_weight(model, self.layout, l).detach().clone() for l in hparams.layers}
-        self.base_cov = {l: hparams.mom2_update_weight * c0[l].to(torch.float64) for l in hparams.layers}
+        self.base_cov = self._base_covariance(c0)
         self.cov = {l: c.clone() for l, c in self.base_cov.items()}
         self.n_edits = 0
+
+    # The pieces a variant changes: the covariance at the start, what a layer solves against, the solve.
+    solve = None  # compute.solve_update
+
+    def _base_covariance(self, c0: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        return {l: self.hparams.mom2_update_weight * c0[l].to(torch.float64) for l in self.hparams.layers}
+
+    def covariance(self, layer: int) -> torch.Tensor:
+        return self.cov[layer]
 
     def edit(self, requests: Iterable[Mapping[str, Any] | Request]) -> dict[str, Any]:
         """One batch written in place (the model as edited so far gives Z and the residuals)."""
@@ -68,7 +80,7 @@ class WeightEditor:
                 weight.add_(delta.to(weight))
 
         keys = write_layers(self.model, self.tokenizer, self.layout, batch, hp.layers, self.templates, z,
-                            covariance=lambda l: self.cov[l], apply=apply)
+                            covariance=self.covariance, apply=apply, solve=self.solve)
         if self.accumulate:
             for l, K in keys.items():
                 self.cov[l] = self.cov[l] + K.T.to(self.cov[l]) @ K.to(self.cov[l])
@@ -83,11 +95,60 @@ class WeightEditor:
         self.cov = {l: c.clone() for l, c in self.base_cov.items()}
         self.n_edits = 0
 
+    # ------------------------------------------------------------------ resuming a run
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """What the edits so far changed: the edited weights (d_out × d_in) and the accumulated covariance."""
+        out = {}
+        for l in self.hparams.layers:
+            out[f"weight.{l}"] = mlp_out_weight(self.model, self.layout, l).detach().cpu().contiguous().clone()
+            out[f"cov.{l}"] = self.cov[l].detach().cpu().contiguous()
+        return out
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor], n_edits: int) -> None:
+        """Put back what `state_tensors` saved (onto the same base model)."""
+        for l in self.hparams.layers:
+            weight = mlp_out_weight(self.model, self.layout, l)
+            saved = tensors[f"weight.{l}"]
+            if tuple(saved.shape) != tuple(weight.shape):
+                raise ValueError(f"saved weight of layer {l} has shape {tuple(saved.shape)}, the model's {tuple(weight.shape)}")
+            weight.copy_(saved.to(weight))
+            self.cov[l] = tensors[f"cov.{l}"].to(self.cov[l])
+        self.n_edits = n_edits
+
+
+class AlphaEditEditor(WeightEditor):
+    """AlphaEdit written in place: Δ = R Kᵀ P (Kp Kpᵀ P + K Kᵀ P + L2·I)⁻¹ per layer.
+
+    P projects onto the null space of each layer's C0 (`hparams.nullspace_energy`
+    or `nullspace_threshold`); Kp Kpᵀ accumulates the keys of every earlier
+    batch (reset by `restore`). See comeba.alphaedit.
+    """
+
+    def __init__(self, model, tokenizer, hparams: HParams, c0: Mapping[int, torch.Tensor], *,
+                 templates: Sequence[str] | None = None, progress: bool = True):
+        self.null_spaces = {
+            l: alphaedit.null_space(c0[l], energy=hparams.nullspace_energy, threshold=hparams.nullspace_threshold)
+            for l in hparams.layers
+        }
+        super().__init__(model, tokenizer, hparams, c0, accumulate=True, templates=templates, progress=progress)
+        self.projectors = {l: ns.projector for l, ns in self.null_spaces.items()}
+        self.solve = alphaedit.make_solve(hparams.L2)
+
+    def _base_covariance(self, c0: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        # Kp Kpᵀ starts empty: the projection, not λ·C0, protects the preserved knowledge.
+        return {l: torch.zeros_like(c0[l], dtype=torch.float64) for l in self.hparams.layers}
+
+    def covariance(self, layer: int) -> torch.Tensor:
+        return alphaedit.pack(self.projectors[layer], self.cov[layer])
+
 
 def make_baseline(method: str, model, tokenizer, hparams: HParams, c0: Mapping[int, torch.Tensor],
                   templates: Sequence[str] | None = None, progress: bool = True) -> WeightEditor:
-    """`memit` / `seq-memit` (C = λ·C0 each batch) or `no-hook` (accumulated C_accu)."""
+    """`memit` / `seq-memit` (C = λ·C0 each batch), `no-hook` (accumulated C_accu) or `alphaedit`."""
     if method not in METHODS:
         raise ValueError(f"unknown baseline {method!r}; choose from {', '.join(METHODS)}")
+    if method == "alphaedit":
+        return AlphaEditEditor(model, tokenizer, hparams, c0, templates=templates, progress=progress)
     return WeightEditor(model, tokenizer, hparams, c0, accumulate=(method == "no-hook"),
                         templates=templates, progress=progress)

@@ -6,6 +6,12 @@
     comeba generate [--state DIR] [--model M] [--max-new-tokens N] PROMPT...
     comeba stats [--model M] [--layers L ...] [--stats-text PATH ...]
                  [--stats-tokens N] [--hparams FILE.yaml]
+    comeba eval --method comeba|no-hook|memit|seq-memit|alphaedit
+                --data counterfact:PATH|zsre:PATH [--n N] [--offset O]
+                [--batch-size B] [--protocol consecutive|single] [--checkpoint-every K]
+                [--stats-text PATH ...] [--stats-tokens N] [--hparams FILE.yaml]
+                [--model M] --out DIR [--no-generation] [--fluency-tokens N]
+                [--overwrite] [--quiet]
 
 User errors (a bad file, a bad request, a state made for another model, a
 missing package) print one line ``comeba: error: ...`` on stderr and exit
@@ -29,6 +35,9 @@ from . import __version__
 PROG = "comeba"
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+# The same as comeba.evaluate.METHODS / PROTOCOLS (kept here so `--help` does not import torch).
+EVAL_METHODS = ("comeba", "no-hook", "memit", "seq-memit", "alphaedit")
+EVAL_PROTOCOLS = ("consecutive", "single")
 
 
 class CLIError(Exception):
@@ -418,6 +427,111 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- eval
+
+
+def _data_path(spec: str) -> tuple[str, str]:
+    """(kind, path) of a --data spec: counterfact:PATH, zsre:PATH, easyedit:PATH or a bare PATH."""
+    from .data import DATASET_KINDS
+
+    kind, sep, rest = spec.partition(":")
+    if sep and kind.lower() in DATASET_KINDS:
+        return kind.lower(), rest
+    return "easyedit", spec
+
+
+def format_summary(summary: dict) -> str:
+    pre, post = summary.get("pre") or {}, summary.get("post") or {}
+    keys = [k for k in pre if k in post] + [k for k in post if k not in pre]
+    rows = [("metric", "pre", "post")]
+    for k in keys:
+        unit = " (bits)" if k == "fluency" else ""
+        rows.append((k.replace("_", " ") + unit,
+                     "-" if pre.get(k) is None else f"{pre[k]:.1f}",
+                     "-" if post.get(k) is None else f"{post[k]:.1f}"))
+    w0 = max(len(r[0]) for r in rows)
+    lines = [f"{r[0]:<{w0}}  {r[1]:>7}  {r[2]:>7}" for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    cps = summary.get("checkpoints") or []
+    if len(cps) > 1:
+        lines.append("")
+        lines.append("checkpoints (edits: reliability / generality / locality)")
+        for c in cps:
+            vals = " / ".join("-" if c.get(k) is None else f"{c[k]:.1f}" for k in ("reliability", "generality", "locality"))
+            lines.append(f"  {c['n_edits']:>6}: {vals}")
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import load_dataset_spec
+    from .evaluate import Settings, evaluate
+
+    # 1. Everything that can be checked without the model.
+    kind, path = _data_path(args.data)
+    file = Path(path)
+    if not file.is_file():
+        raise CLIError(f"data file {path!r} does not exist" if not file.exists() else f"data file {path!r} is not a file")
+    try:
+        loaded = load_dataset_spec(args.data, offset=args.offset, n=args.n)
+    except UnicodeDecodeError as err:
+        raise CLIError(f"data file {path!r} is not UTF-8 text: {err}") from None
+    except json.JSONDecodeError as err:
+        raise CLIError(f"data file {path!r} is not valid JSON: {err}") from None
+    except ValueError as err:
+        raise CLIError(f"data file {path!r}: {err}") from None
+    if not loaded.requests:
+        why = f" (skipped {len(loaded.skipped)}; first: record {loaded.skipped[0][0]}: {loaded.skipped[0][1]})" if loaded.skipped else ""
+        raise CLIError(f"{args.data}: no usable records from offset {args.offset}"
+                       + (f" in the next {args.n}" if args.n else "") + why)
+    if loaded.skipped:
+        print(f"{args.data}: skipped {len(loaded.skipped)} record(s) that cannot be edited "
+              f"(first: record {loaded.skipped[0][0]}: {loaded.skipped[0][1]})")
+    hp = read_hparams(args.hparams, mom2_n_tokens=args.stats_tokens)
+    if args.stats_text:
+        for p in args.stats_text:
+            if not Path(p).exists():
+                raise CLIError(f"statistics text {p!r} does not exist")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {args.out!r} is a file, not a folder")
+    args.resume_hint = (f"run the same command again to resume {args.out} from its last checkpoint")
+
+    # 2. Model, statistics, the run.
+    model_name = args.model or "embedded"
+    model, tokenizer = load_model_for(model_name, args)
+    corpus = resolve_corpus(args.stats_text, hp)
+    note = "" if corpus.kind != "samples" else "  (no real text given: pass --stats-text FILE.txt for better statistics)"
+    print(f"statistics corpus: {corpus.describe}, {hp.mom2_n_tokens} tokens{note}")
+    settings = Settings(counterfact=(kind == "counterfact"), generation=not args.no_generation,
+                        fluency_tokens=args.fluency_tokens)
+    size = args.batch_size or hp.batch_size
+    n = len(loaded.requests)
+    if args.method == "alphaedit":
+        rule = (f"null space: eigenvalues < {hp.nullspace_threshold:g}" if hp.nullspace_threshold is not None
+                else f"null space: {hp.nullspace_energy:g} of the key energy")
+        solver = f"{rule}, L2 {hp.L2:g}"
+    else:
+        solver = f"λ {hp.mom2_update_weight:g}"
+    print(f"{args.method}, {args.protocol} protocol: {n} edits from {args.data} (offset {args.offset}) "
+          f"in {(n + size - 1) // size} batch(es) of up to {size}; layers {list(hp.layers)}, {solver}")
+    meta = {"data": args.data, "data_kind": kind, "offset": args.offset, "n_requested": args.n,
+            "skipped": [list(s) for s in loaded.skipped], "model": model_name}
+    summary = evaluate(model, tokenizer, loaded.requests, method=args.method, protocol=args.protocol, hparams=hp,
+                       corpus=corpus, batch_size=size, checkpoint_every=args.checkpoint_every, settings=settings,
+                       out=out, overwrite=args.overwrite, progress=not args.quiet, meta=meta)
+    if summary.get("already_complete"):
+        print(f"{args.out} already holds this completed run (pass --overwrite to run it again)")
+    print()
+    print(format_summary(summary))
+    print()
+    print(f"time {summary['seconds']:.1f} s (editing {summary['edit_seconds']:.1f} s, "
+          f"{summary['seconds_per_edit']:.2f} s per edit; evaluation {summary['eval_seconds']:.1f} s); "
+          f"peak RSS {summary['peak_rss_mb']:.0f} MB")
+    if not summary.get("already_complete"):
+        print(f"wrote {out / 'summary.json'}, records.jsonl, checkpoints.csv, metrics.png")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -467,16 +581,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hparams", metavar="FILE", help="hyperparameter YAML (EasyEdit keys)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_stats)
+
+    v = sub.add_parser("eval", help="evaluate a method on CounterFact / zsRE (single-round or consecutive)",
+                       description="Edit N records in batches with one method and measure reliability, generality "
+                                   "and locality (and CounterFact's scores) before and after. Writes DIR/records.jsonl, "
+                                   "summary.json, checkpoints.csv and metrics.png; an interrupted run resumes.")
+    v.add_argument("--method", required=True, choices=EVAL_METHODS, help="editing method")
+    v.add_argument("--data", required=True, metavar="KIND:PATH",
+                   help="counterfact:PATH, zsre:PATH or easyedit:PATH (a bare PATH is read as EasyEdit records)")
+    v.add_argument("--n", type=_positive_int, metavar="N", help="records to edit (default: all from --offset)")
+    v.add_argument("--offset", type=_non_negative_int, default=0, metavar="O", help="first record (default 0)")
+    v.add_argument("--batch-size", type=_positive_int, metavar="B", help="edits per batch (default: hparams batch_size)")
+    v.add_argument("--protocol", choices=EVAL_PROTOCOLS, default="consecutive",
+                   help="consecutive: batches written one after another (default); "
+                        "single: each batch from the original model, then removed")
+    v.add_argument("--checkpoint-every", type=_positive_int, metavar="K",
+                   help="evaluate all edits so far every K batches (default: about 10 checkpoints)")
+    v.add_argument("--stats-text", nargs="+", metavar="PATH", help=stats_help)
+    v.add_argument("--stats-tokens", type=_positive_int, metavar="N", help="tokens for the key statistics (hparams mom2_n_tokens)")
+    v.add_argument("--hparams", metavar="FILE", help="hyperparameter YAML (EasyEdit keys)")
+    v.add_argument("--model", metavar="M", default=None, help="'embedded' (default), a HF id or a local folder")
+    v.add_argument("--out", required=True, metavar="DIR", help="output folder (a new one, or a run to resume)")
+    v.add_argument("--no-generation", action="store_true", help="skip the greedy-generation exact match")
+    v.add_argument("--fluency-tokens", type=_non_negative_int, default=100, metavar="N",
+                   help="sampled tokens per CounterFact fluency text (default 100; 0 = no fluency)")
+    v.add_argument("--overwrite", action="store_true", help="replace a different or finished run in --out")
+    v.add_argument("--quiet", action="store_true", help="no progress bars or chatter; only the results")
+    v.set_defaults(func=cmd_eval)
     return parser
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .editor import StateError
+    from .evaluate import EvalError
     from .hparams import HParamsError
     from .models import LayoutError
     from .requests import RequestError
 
-    return (CLIError, RequestError, HParamsError, StateError, LayoutError, FileNotFoundError,
+    return (CLIError, RequestError, HParamsError, StateError, LayoutError, EvalError, FileNotFoundError,
             NotADirectoryError, IsADirectoryError, PermissionError, ImportError, ValueError, OSError)
 
 
@@ -492,7 +634,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        if getattr(args, "saved_to", None):
+        if getattr(args, "resume_hint", None):
+            what = args.resume_hint
+        elif getattr(args, "saved_to", None):
             what = f"the new state was already saved to {args.saved_to}"
         elif getattr(args, "state", None):
             what = f"nothing was saved: the state in {args.state} is unchanged"

@@ -111,6 +111,32 @@ class Editor:
         c0, provenance = load_or_compute_stats(
             model, tokenizer, layout, hp.layers, corpus, hp.mom2_n_tokens, hp.mom2_dtype, model_fp=fp, progress=progress
         )
+        return cls.from_statistics(model, tokenizer, hp, c0, stats_provenance=provenance, model_fingerprint=fp,
+                                   progress=progress)
+
+    @classmethod
+    def from_statistics(
+        cls,
+        model,
+        tokenizer,
+        hparams: HParams,
+        c0: Mapping[int, torch.Tensor],
+        *,
+        templates: Sequence[str] | None = None,
+        stats_provenance: Mapping[str, Any] | None = None,
+        model_fingerprint: str | None = None,
+        progress: bool = True,
+    ) -> "Editor":
+        """A fresh editor from precomputed C0 per layer (and, optionally, context templates).
+
+        What `create` does after loading the statistics; lets a harness build
+        many fresh editors (single-round evaluation) from one set of statistics
+        and templates. The templates must come from this unedited model.
+        """
+        hp = hparams
+        layout = detect_layout(model)
+        hp.check_model(num_layers(model, layout))
+        fp = model_fingerprint or fingerprint(model)
         layers = {}
         for layer in hp.layers:
             w0 = mlp_out_weight(model, layout, layer)
@@ -119,9 +145,9 @@ class Editor:
                 c_accu=hp.mom2_update_weight * c0[layer].to(device=w0.device, dtype=torch.float64),
                 alpha=float(hp.alpha),
             )
-        templates = context_templates(model, tokenizer, hp)
+        templates = list(templates) if templates is not None else context_templates(model, tokenizer, hp)
         return cls(model, tokenizer, hp, layers, templates, model_fingerprint=fp,
-                   stats_provenance=provenance, progress=progress)
+                   stats_provenance=stats_provenance, progress=progress)
 
     # ------------------------------------------------------------------ applying the edits
     def hook_weights(self, gated: bool = True) -> dict[int, HookWeights]:

@@ -49,6 +49,12 @@ class HParams:
     )
     batch_size: int = 30
     seed: int = 0
+    # AlphaEdit (baseline only; see comeba.alphaedit). The null space of C0 keeps the
+    # smallest-eigenvalue directions holding at most `nullspace_energy` of trace(C0), unless
+    # `nullspace_threshold` (absolute eigenvalue bound, EasyEdit's key) is set; `L2` weighs ‖ΔP‖².
+    nullspace_energy: float = 0.05
+    nullspace_threshold: float | None = None
+    L2: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -66,6 +72,12 @@ class HParams:
         for name in ("v_num_grad_steps", "mom2_n_tokens", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise HParamsError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not 0 < self.nullspace_energy < 1:
+            raise HParamsError(f"nullspace_energy must be in (0, 1), got {self.nullspace_energy!r}")
+        if self.nullspace_threshold is not None and not self.nullspace_threshold > 0:
+            raise HParamsError(f"nullspace_threshold must be positive (or null), got {self.nullspace_threshold!r}")
+        if not self.L2 > 0:
+            raise HParamsError(f"L2 must be positive, got {self.L2!r}")
         if self.mom2_dtype not in ("float32", "float64"):
             raise HParamsError(f"mom2_dtype must be float32 or float64, got {self.mom2_dtype!r}")
 

@@ -27,6 +27,7 @@ Metrics (DESIGN.md §3):
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections import Counter
@@ -229,13 +230,20 @@ def generate_tokens(
     seed: int | None = 0,
     stop_at_eos: bool = False,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    use_cache: bool = False,
 ) -> list[list[int]]:
     """New token ids per prompt: greedy (``top_k=None``) or top-k sampling (ROME uses 5).
 
-    No KV cache: every step re-reads the whole sequence in one call with its
-    attention mask, so gated hook layers see the full sequence each time and
-    nothing is carried between calls. Sampling uses its own seeded generator
-    (never the global RNG), so results are reproducible.
+    Default, no KV cache: every step re-reads the whole sequence in one call
+    with its attention mask, so gated hook layers see the full sequence each
+    time and nothing is carried between calls (quadratic in the length).
+    ``use_cache=True``: left-padded batches with explicit positions and the
+    model's KV cache, one new token per call — how an edited model is
+    deployed (gated hooks keep per-sequence running statistics over the
+    tokens seen so far, padding excluded, reset with each new call without a
+    cache); linear in the length, for long samples such as fluency's.
+    Sampling uses its own seeded generator (never the global RNG), so results
+    are reproducible for the same prompts and batch size.
     """
     if isinstance(prompts, str):
         raise TypeError("prompts must be a sequence of strings, not a single string")
@@ -252,6 +260,19 @@ def generate_tokens(
     pad_id = _pad_id(tok)
     eos = tok.eos_token_id
     seqs = [_prompt_ids(tok, p) for p in prompts]
+
+    def pick(last: torch.Tensor) -> list[int]:
+        if top_k is None:
+            return last.argmax(-1).tolist()
+        probs, idx = torch.softmax(last, -1).topk(min(top_k, last.shape[-1]), dim=-1)
+        choice = torch.multinomial(probs.cpu(), 1, generator=gen)
+        return idx.cpu().gather(1, choice).squeeze(1).tolist()
+
+    def stops(t: int) -> bool:
+        return stop_at_eos and eos is not None and t == eos
+
+    if use_cache:
+        return _generate_cached(model, seqs, budgets, pick, stops, pad_id, batch_size)
     new: list[list[int]] = [[] for _ in prompts]
     done = [b <= 0 for b in budgets]
     while not all(done):
@@ -260,17 +281,56 @@ def generate_tokens(
             rows = active[start : start + batch_size]
             logits = _forward_logits(model, [seqs[i] for i in rows], pad_id)
             last = torch.stack([logits[r, len(seqs[i]) - 1] for r, i in enumerate(rows)]).float()
-            if top_k is None:
-                picks = last.argmax(-1).tolist()
-            else:
-                probs, idx = torch.softmax(last, -1).topk(min(top_k, last.shape[-1]), dim=-1)
-                choice = torch.multinomial(probs.cpu(), 1, generator=gen)
-                picks = idx.cpu().gather(1, choice).squeeze(1).tolist()
+            picks = pick(last)
             for i, t in zip(rows, picks):
                 seqs[i].append(t)
                 new[i].append(t)
-                if len(new[i]) >= budgets[i] or (stop_at_eos and eos is not None and t == eos):
+                if len(new[i]) >= budgets[i] or stops(t):
                     done[i] = True
+    return new
+
+
+def _cache_kwarg(model) -> str:
+    """transformers 5 names the KV cache argument `cache`, earlier versions `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _generate_cached(model, seqs: list[list[int]], budgets: list[int], pick, stops, pad_id: int,
+                     batch_size: int) -> list[list[int]]:
+    """Batches of left-padded prompts (explicit positions, so padding changes nothing), one new
+    token per call after the prompt, reusing the KV cache; a row that is done is fed on but ignored."""
+    device = model_device(model)
+    kw = _cache_kwarg(model)
+    new: list[list[int]] = [[] for _ in seqs]
+    todo = [i for i, b in enumerate(budgets) if b > 0]
+    for start in range(0, len(todo), batch_size):
+        rows = todo[start : start + batch_size]
+        width = max(len(seqs[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, width - len(seqs[i]):] = torch.tensor(seqs[i])
+            mask[r, width - len(seqs[i]):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        following = positions[:, -1:] + 1
+        done = [False] * len(rows)
+        while True:
+            picks = pick(out.logits[:, -1].float())
+            for r, (i, t) in enumerate(zip(rows, picks)):
+                if not done[r]:
+                    new[i].append(t)
+                    done[r] = len(new[i]) >= budgets[i] or stops(t)
+            if all(done):
+                break
+            cache = getattr(out, "cache", None)
+            if cache is None:
+                cache = getattr(out, "past_key_values", None)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            out = model(input_ids=torch.tensor(picks, device=device)[:, None], attention_mask=mask,
+                        position_ids=following, use_cache=True, **{kw: cache})
+            following = following + 1
     return new
 
 
@@ -284,11 +344,12 @@ def generate_text(
     seed: int | None = 0,
     include_prompt: bool = True,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    use_cache: bool = False,
 ) -> list[str]:
     """Decoded generations; with the prompt in front by default, as ROME's ``generate_fast``."""
     new = generate_tokens(
         model, tok, prompts, max_new_tokens, top_k=top_k, seed=seed,
-        stop_at_eos=True, batch_size=batch_size,
+        stop_at_eos=True, batch_size=batch_size, use_cache=use_cache,
     )
     out = []
     for prompt, ids in zip(prompts, new):
@@ -298,13 +359,15 @@ def generate_text(
 
 
 def exact_match_generation(
-    model, tok, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int = DEFAULT_BATCH_SIZE
+    model, tok, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int = DEFAULT_BATCH_SIZE,
+    use_cache: bool = False,
 ) -> list[bool]:
     """Greedy generation (no teacher forcing) of len(target) tokens equals the target tokens."""
     _check_lengths(prompts, targets)
     wanted = [encode_target(tok, continuation(t)) for t in targets]
     got = generate_tokens(
-        model, tok, prompts, [len(w) for w in wanted], top_k=None, batch_size=batch_size
+        model, tok, prompts, [len(w) for w in wanted], top_k=None, batch_size=batch_size,
+        use_cache=use_cache,
     )
     return [g == w for g, w in zip(got, wanted)]
 
@@ -348,9 +411,11 @@ def fluency(
     top_k: int = 5,
     seed: int | None = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    use_cache: bool = False,
 ) -> list[float]:
     """n-gram entropy of top-k sampled text (prompt included) per prompt; average for ROME's score."""
     texts = generate_text(
-        model, tok, prompts, max_new_tokens, top_k=top_k, seed=seed, batch_size=batch_size
+        model, tok, prompts, max_new_tokens, top_k=top_k, seed=seed, batch_size=batch_size,
+        use_cache=use_cache,
     )
     return [ngram_entropy(t) for t in texts]
