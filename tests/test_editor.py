@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from comeba.compute import cache_kwarg
+
 from comeba.editor import CONFIG_FILE, Editor, StateError, batch_gate_maxima
 from comeba.hparams import HParams
 from comeba.models import weights_checksum
@@ -212,7 +214,7 @@ def test_edited_generation_with_cache_is_consistent(new_editor, tokenizer):
             for _ in range(9):
                 cache = getattr(out, "cache", None) or out.past_key_values
                 out = model(input_ids=seq[:, -1:], attention_mask=torch.ones_like(seq), use_cache=True,
-                            past_key_values=cache)
+                            **{cache_kwarg(model): cache})
                 seq = torch.cat([seq, out.logits[:, -1:].argmax(-1)], 1)
     n = ids.shape[1]
     # The first new token comes from one full pass either way. Later ones may differ without a

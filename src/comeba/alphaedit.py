@@ -42,8 +42,6 @@ locality 94 / 91 / 95 — no difference beyond the noise of 20 records.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
 
@@ -119,19 +117,3 @@ def alphaedit_update(residuals: torch.Tensor, keys: torch.Tensor, projector: tor
     A = past.to(torch.float64) + K @ K.T
     M = A @ P + l2 * torch.eye(A.shape[0], dtype=torch.float64, device=A.device)
     return torch.linalg.solve(M.T, P @ K @ R.T).T
-
-
-def pack(projector: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
-    """P and Kp Kpᵀ as one (2, d, d) tensor: the `C` that `solve` below reads (write_layers moves it as one)."""
-    return torch.stack([projector.to(torch.float64), past.to(projector.device, torch.float64)])
-
-
-def make_solve(l2: float = 1.0) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """A `solve(R, K, C)` for compute.write_layers, with C = pack(P, Kp Kpᵀ) per layer."""
-
-    def solve(residuals: torch.Tensor, keys: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-        if packed.dim() != 3 or packed.shape[0] != 2:
-            raise ValueError("AlphaEdit's solve expects C = alphaedit.pack(projector, past keys' K Kᵀ)")
-        return alphaedit_update(residuals, keys, packed[0], packed[1], l2)
-
-    return solve

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from . import alphaedit
-from .compute import context_templates, target_values, write_layers
+from .compute import context_templates, solve_update, target_values, write_layers
 from .hparams import HParams
 from .models import detect_layout, mlp_out_weight, num_layers
 from .requests import Request, make_requests
@@ -58,14 +58,12 @@ class WeightEditor:
         self.cov = {l: c.clone() for l, c in self.base_cov.items()}
         self.n_edits = 0
 
-    # The pieces a variant changes: the covariance at the start, what a layer solves against, the solve.
-    solve = None  # compute.solve_update
-
+    # The pieces a variant changes: the covariance at the start and the per-layer solve.
     def _base_covariance(self, c0: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         return {l: self.hparams.mom2_update_weight * c0[l].to(torch.float64) for l in self.hparams.layers}
 
-    def covariance(self, layer: int) -> torch.Tensor:
-        return self.cov[layer]
+    def solve(self, layer: int, residuals: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return solve_update(residuals, keys, self.cov[layer].to(keys.device))
 
     def edit(self, requests: Iterable[Mapping[str, Any] | Request]) -> dict[str, Any]:
         """One batch written in place (the model as edited so far gives Z and the residuals)."""
@@ -80,7 +78,7 @@ class WeightEditor:
                 weight.add_(delta.to(weight))
 
         keys = write_layers(self.model, self.tokenizer, self.layout, batch, hp.layers, self.templates, z,
-                            covariance=self.covariance, apply=apply, solve=self.solve)
+                            solve=self.solve, apply=apply)
         if self.accumulate:
             for l, K in keys.items():
                 self.cov[l] = self.cov[l] + K.T.to(self.cov[l]) @ K.to(self.cov[l])
@@ -133,14 +131,14 @@ class AlphaEditEditor(WeightEditor):
         }
         super().__init__(model, tokenizer, hparams, c0, accumulate=True, templates=templates, progress=progress)
         self.projectors = {l: ns.projector for l, ns in self.null_spaces.items()}
-        self.solve = alphaedit.make_solve(hparams.L2)
 
     def _base_covariance(self, c0: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         # Kp Kpᵀ starts empty: the projection, not λ·C0, protects the preserved knowledge.
         return {l: torch.zeros_like(c0[l], dtype=torch.float64) for l in self.hparams.layers}
 
-    def covariance(self, layer: int) -> torch.Tensor:
-        return alphaedit.pack(self.projectors[layer], self.cov[layer])
+    def solve(self, layer: int, residuals: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return alphaedit.alphaedit_update(residuals, keys, self.projectors[layer].to(keys.device),
+                                          self.cov[layer].to(keys.device), self.hparams.L2)
 
 
 def make_baseline(method: str, model, tokenizer, hparams: HParams, c0: Mapping[int, torch.Tensor],

@@ -191,7 +191,7 @@ def target_values(
     return torch.cat(out)
 
 
-def _cache_kwarg(model) -> str:
+def cache_kwarg(model) -> str:
     """transformers 5 calls the KV cache `cache`; earlier versions `past_key_values`."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
@@ -251,7 +251,7 @@ def _target_values_chunk(model, tokenizer, layout, requests, hp: HParams, templa
     positions = (mask.cumsum(1) - 1).clamp(min=0)
 
     # One pass over the whole sequences (the caller's hooks active): l_n's output and the prefix cache.
-    cache_kw = _cache_kwarg(model)
+    cache_kw = cache_kwarg(model)
     with torch.no_grad(), trace(model, [layer_name], outputs=True) as rec:
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     h_suffix = rec[layer_name].output[:, P:].detach()
@@ -366,27 +366,25 @@ def write_layers(
     layers: Sequence[int],
     templates: Sequence[str],
     targets: torch.Tensor,
-    covariance: Callable[[int], torch.Tensor],
+    solve: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
     apply: Callable[[int, torch.Tensor], None],
     progress: bool = False,
-    solve: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[int, torch.Tensor]:
     """Write the targets into `layers` in order, spreading the residual over the layers left.
 
     For layer l_i: K at l_i, R = (Z − current output of l_n) / (layers left),
-    Δ = solve_update(R, K, covariance(l_i)), then `apply(l_i, Δ)` — which must
-    make the model compute with the new weights before the next layer's keys
-    are read. `solve(R, K, C)` defaults to `solve_update` (AlphaEdit passes
-    its null-space variant). Returns the keys per layer (to accumulate).
+    Δ = solve(l_i, R, K) — `solve_update` against the method's covariance, or
+    a variant such as AlphaEdit's — then `apply(l_i, Δ)`, which must make the
+    model compute with the new weights before the next layer's keys are read.
+    Returns the keys per layer (to accumulate).
     """
-    solve = solve or solve_update
     keys: dict[int, torch.Tensor] = {}
     last = layers[-1]
     for i, layer in enumerate(tqdm(layers, desc="writing layers", disable=not progress)):
         K = subject_keys(model, tokenizer, layout, layer, requests, templates)
         current = subject_outputs(model, tokenizer, layout, last, requests)
         R = (targets.to(current.device) - current) / (len(layers) - i)
-        delta = solve(R, K, covariance(layer).to(K.device))
+        delta = solve(layer, R, K)
         apply(layer, delta)
         keys[layer] = K
         log.debug("layer %d: |R| %.3f |Δ| %.3f", layer, R.norm(dim=1).mean().item(), delta.norm().item())

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from . import __version__
-from .compute import context_templates, target_values, write_layers
+from .compute import context_templates, solve_update, target_values, write_layers
 from .files import atomic_save_tensors, atomic_write_text
 from .hooks import HookLayers, HookWeights, gate_scores
 from .hparams import HParams
@@ -213,7 +213,7 @@ class Editor:
 
                 keys = write_layers(
                     self.model, self.tokenizer, self.layout, batch, hp.layers, self.templates, z,
-                    covariance=lambda l: new[l].c_accu, apply=apply,
+                    solve=lambda l, R, K: solve_update(R, K, new[l].c_accu), apply=apply,
                 )
             for l, K in keys.items():
                 new[l].c_accu = new[l].c_accu + K.T.to(new[l].c_accu) @ K.to(new[l].c_accu)
