@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from comeba.compute import cache_kwarg
+from comeba.models import cache_kwarg
 
 from comeba.editor import CONFIG_FILE, Editor, StateError, batch_gate_maxima
 from comeba.hparams import HParams

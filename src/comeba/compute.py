@@ -9,7 +9,6 @@ attached), so the caller decides what "the model as edited so far" means.
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .hparams import HParams
-from .models import Layout, get_module
+from .models import Layout, cache_kwarg, get_module
 from .requests import Request
 from .text import encode_prompt, encode_target, model_device, pad_batch, subject_last_index
 from .trace import trace
@@ -189,12 +188,6 @@ def target_values(
     finally:
         bar.close()
     return torch.cat(out)
-
-
-def cache_kwarg(model) -> str:
-    """transformers 5 calls the KV cache `cache`; earlier versions `past_key_values`."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 @contextmanager

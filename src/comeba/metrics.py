@@ -27,7 +27,6 @@ Metrics (DESIGN.md §3):
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 from collections import Counter
@@ -35,6 +34,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from comeba.models import cache_kwarg
 from comeba.text import encode_prompt, encode_target, model_device, pad_batch
 
 __all__ = [
@@ -290,17 +290,12 @@ def generate_tokens(
     return new
 
 
-def _cache_kwarg(model) -> str:
-    """transformers 5 names the KV cache argument `cache`, earlier versions `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _generate_cached(model, seqs: list[list[int]], budgets: list[int], pick, stops, pad_id: int,
                      batch_size: int) -> list[list[int]]:
     """Batches of left-padded prompts (explicit positions, so padding changes nothing), one new
     token per call after the prompt, reusing the KV cache; a row that is done is fed on but ignored."""
     device = model_device(model)
-    kw = _cache_kwarg(model)
+    kw = cache_kwarg(model)
     new: list[list[int]] = [[] for _ in seqs]
     todo = [i for i, b in enumerate(budgets) if b > 0]
     for start in range(0, len(todo), batch_size):

@@ -9,6 +9,7 @@ architecture works as is.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -118,6 +119,11 @@ def mlp_out_weight(model: torch.nn.Module, layout: Layout, layer: int) -> torch.
     """W_0 of a layer as (d_out, d_in), whatever the storage orientation (a view, never a copy)."""
     weight = get_module(model, layout.mlp_out_name(layer)).weight
     return weight.T if layout.transposed else weight
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """Name of the KV-cache argument: `cache` in transformers 5, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def fingerprint(model: torch.nn.Module) -> str:
