@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import fcntl
 import json
 import os
 import platform
@@ -610,8 +611,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     failed = []
+    runs.mkdir(parents=True, exist_ok=True)
+    lock = open(runs / ".lock", "w")  # one invocation per output folder (held until this process exits)
     try:
-        runs.mkdir(parents=True, exist_ok=True)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        print(f"[run_table] error: another run_table.py is running on {out}; wait for it or use another --out-dir",
+              file=sys.stderr)
+        return 2
+    try:
         precompute_stats(args, runs)
         for i, c in enumerate(todo, 1):
             print(f"\n[run_table] run {i}/{len(todo)}: {c.name}\n[run_table] $ {shlex.join(c.command)}", flush=True)
