@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from machine import cpu_model, git_commit  # noqa: E402 (benchmarks/ is sys.path[0])
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -80,27 +81,6 @@ def state_bytes(path: Path) -> tuple[int, int]:
 
     tensors = sum(f.stat().st_size for f in path.glob("state-*.safetensors"))
     return tensors, (path / CONFIG_FILE).stat().st_size
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except Exception:  # noqa: BLE001 - informational only
-        return "unknown"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def peak_rss_mb() -> float:
@@ -249,7 +229,7 @@ def main(argv=None) -> int:
         "environment": {
             "comeba": __version__, "git": git_commit(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-            "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_average_1min_at_start": round(load_at_start, 2),
         },
         "model": {"name": args.model, "layout": layout.name, "parameters": n_params,

@@ -51,6 +51,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
+from machine import cpu_model, git_commit  # noqa: E402 (benchmarks/ is sys.path[0])
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 DEFAULT_OUT = ROOT / "benchmarks"
@@ -300,27 +302,6 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> int:
 
 
 # ============================================================================ environment
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return head + (" (with uncommitted changes)" if dirty else "")
-    except Exception:  # noqa: BLE001 - informational only
-        return "unknown"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def memory_total_gb() -> str:
