@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from . import alphaedit
-from .compute import context_templates, solve_update, target_values, write_layers
+from .compute import accumulate_keys, context_templates, solve_update, target_values, write_layers
 from .hparams import HParams
 from .models import detect_layout, mlp_out_weight, num_layers
 from .requests import Request, make_requests
@@ -81,7 +81,7 @@ class WeightEditor:
                             solve=self.solve, apply=apply)
         if self.accumulate:
             for l, K in keys.items():
-                self.cov[l] = self.cov[l] + K.T.to(self.cov[l]) @ K.to(self.cov[l])
+                self.cov[l] = accumulate_keys(self.cov[l], K)
         self.n_edits += len(batch)
         return {"n": len(batch), "seconds": time.perf_counter() - start}
 

@@ -351,6 +351,12 @@ def solve_update(residuals: torch.Tensor, keys: torch.Tensor, covariance: torch.
     return R @ X.T
 
 
+def accumulate_keys(covariance: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """C + K Kᵀ with `keys` (n, d_in) as rows: a batch's keys joining the accumulated covariance."""
+    K = keys.to(covariance)
+    return covariance + K.T @ K
+
+
 def write_layers(
     model,
     tokenizer,

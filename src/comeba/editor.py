@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from . import __version__
-from .compute import context_templates, solve_update, target_values, write_layers
+from .compute import accumulate_keys, context_templates, solve_update, target_values, write_layers
 from .files import atomic_save_tensors, atomic_write_text
-from .hooks import HookLayers, HookWeights, gate_scores
+from .hooks import HookLayers, HookWeights, gate_scores, hook_addition
 from .hparams import HParams
 from .models import Layout, detect_layout, fingerprint, mlp_out_weight, num_layers
 from .requests import Request, make_requests
@@ -216,7 +216,7 @@ class Editor:
                     solve=lambda l, R, K: solve_update(R, K, new[l].c_accu), apply=apply,
                 )
             for l, K in keys.items():
-                new[l].c_accu = new[l].c_accu + K.T.to(new[l].c_accu) @ K.to(new[l].c_accu)
+                new[l].c_accu = accumulate_keys(new[l].c_accu, K)
             # 3. adapt α on the unedited model's keys of the batch's bare prompts
             scores = batch_gate_maxima(self.model, self.tokenizer, self.layout, [r.text for r in batch],
                                        {l: s.delta for l, s in new.items()})
@@ -352,7 +352,7 @@ def batch_gate_maxima(model, tokenizer, layout: Layout, prompts: Sequence[str],
         model(input_ids=ids, attention_mask=mask)
     out = {}
     for l, name in names.items():
-        m = (rec[name].input.float() @ deltas[l].to(device, torch.float32).T).norm(dim=-1)
+        m = hook_addition(rec[name].input, deltas[l].to(device, torch.float32)).norm(dim=-1)
         z = gate_scores(m, mask)
         out[l] = torch.nan_to_num(z, nan=-math.inf).max(dim=1).values
     return out

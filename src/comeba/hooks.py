@@ -19,6 +19,11 @@ import torch
 from .models import Layout, get_module
 
 
+def hook_addition(k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """ΔW·k in float32: what a hook adds to the projection's output (its norm is the gate magnitude m)."""
+    return k.to(torch.float32) @ delta.T
+
+
 def gate_scores(m: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """z-scores of per-token magnitudes `m` (B, T) within each sequence, padding excluded.
 
@@ -140,7 +145,7 @@ class HookLayers:
     def _on_output(self, layer: int, args, out: torch.Tensor) -> torch.Tensor:
         k = args[0]
         delta = self._cast[layer]
-        add = k.to(torch.float32) @ delta.T
+        add = hook_addition(k, delta)
         weights = self.weights[layer]
         if not weights.gated:
             return out + add.to(out.dtype)
