@@ -96,6 +96,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="consecutive and/or single (default both)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="M",
                    help=f"methods (default all: {' '.join(METHODS)}); memit runs only single, seq-memit only consecutive")
+    p.add_argument("--checkpoint-every", type=int, default=5,
+                   help="consecutive protocol: evaluate all edits so far every K batches (default 5)")
     p.add_argument("--stats-tokens", type=int, default=100_000, help="WikiText-2 tokens for the key statistics (default 100000)")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder holding counterfact/, zsre/, wikitext-2/ "
                                                                   "(default ../shared/data)")
@@ -106,7 +108,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true", help="run nothing; rewrite RESULTS.md and the plots")
     p.add_argument("--dry-run", action="store_true", help="print the cells and their commands; run nothing")
     args = p.parse_args(argv)
-    for name in ("n", "batch_size", "stats_tokens"):
+    for name in ("n", "batch_size", "stats_tokens", "checkpoint_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.threads is not None and args.threads < 1:
@@ -131,6 +133,7 @@ def canonical_command(args: argparse.Namespace) -> str:
     """This script's command with every option spelled out (reproduces the cells it names)."""
     parts = ["python", "benchmarks/run_table.py", "--n", str(args.n), "--batch-size", str(args.batch_size),
              "--datasets", *args.datasets, "--protocols", *args.protocols, "--methods", *args.methods,
+             "--checkpoint-every", str(args.checkpoint_every),
              "--stats-tokens", str(args.stats_tokens), "--data-dir", display_path(Path(args.data_dir))]
     if Path(args.out_dir).resolve() != DEFAULT_OUT.resolve():
         parts += ["--out-dir", display_path(Path(args.out_dir))]
@@ -155,10 +158,13 @@ class Cell:
         self.data_spec = f"{kind}:{display_path(data)}"
         self.command = ["comeba", "eval", "--method", method, "--protocol", protocol, "--data", self.data_spec,
                         "--n", str(args.n), "--batch-size", str(args.batch_size),
+                        "--checkpoint-every", str(args.checkpoint_every),
+                        "--pre-cache", display_path(runs / f"{dataset}-pre.json"),
                         "--stats-text", display_path(Path(args.data_dir) / STATS_TEXT),
                         "--stats-tokens", str(args.stats_tokens), "--out", display_path(self.folder)]
         self.expected = {"method": method, "protocol": protocol, "batch_size": args.batch_size,
-                         "n_requested": args.n, "offset": 0, "data_kind": kind, "mom2_n_tokens": args.stats_tokens}
+                         "n_requested": args.n, "offset": 0, "data_kind": kind, "mom2_n_tokens": args.stats_tokens,
+                         "checkpoint_every": args.checkpoint_every}
 
     def read_json(self, name: str) -> dict | None:
         try:

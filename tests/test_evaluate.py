@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from comeba import alphaedit
+from comeba import evaluate as ev
 from comeba.baselines import AlphaEditEditor, make_baseline
 from comeba.cli import EVAL_METHODS, EVAL_PROTOCOLS, main
 from comeba.evaluate import (
@@ -372,3 +373,23 @@ def test_cached_metric_generation_matches_the_editor(llama, tokenizer, corpus):
     with editor.applied():
         ours = M.generate_tokens(llama, tokenizer, prompts, 6, use_cache=True)
     assert [tokenizer.decode(t, skip_special_tokens=True) for t in ours] == expected
+
+
+def test_pre_cache_is_shared_between_methods_and_keyed(llama, tokenizer, corpus, tmp_path, monkeypatch):
+    """The unedited model's evaluation is computed once per record set and reused only for the same records."""
+    cache = tmp_path / "pre.json"
+    first = _run(llama, tokenizer, corpus, "comeba", "consecutive", tmp_path / "a", pre_cache=cache)
+    assert len(json.loads(cache.read_text())["pre"]) == len(REQUESTS)
+
+    calls = []
+    real = ev.evaluate_requests
+    monkeypatch.setattr(ev, "evaluate_requests", lambda *a, **k: calls.append(k.get("full")) or real(*a, **k))
+    second = _run(llama, tokenizer, corpus, "seq-memit", "consecutive", tmp_path / "b", pre_cache=cache)
+    assert second["pre"] == first["pre"]
+    assert calls == [False, True]  # the two checkpoints only: no second unedited evaluation
+    assert json.loads((tmp_path / "b" / "pre.json").read_text())["pre"] == json.loads(cache.read_text())["pre"]
+
+    calls.clear()  # other records: the cache does not match, the unedited model is evaluated again
+    _run(llama, tokenizer, corpus, "seq-memit", "consecutive", tmp_path / "c", requests=REQUESTS[:2], pre_cache=cache)
+    assert calls[0] is True
+    assert len(json.loads(cache.read_text())["pre"]) == 2

@@ -517,7 +517,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "skipped": [list(s) for s in loaded.skipped], "model": model_name}
     summary = evaluate(model, tokenizer, loaded.requests, method=args.method, protocol=args.protocol, hparams=hp,
                        corpus=corpus, batch_size=size, checkpoint_every=args.checkpoint_every, settings=settings,
-                       out=out, overwrite=args.overwrite, progress=not args.quiet, meta=meta)
+                       out=out, overwrite=args.overwrite, progress=not args.quiet, meta=meta,
+                       pre_cache=args.pre_cache)
     if summary.get("already_complete"):
         print(f"{args.out} already holds this completed run (pass --overwrite to run it again)")
     print()
@@ -604,6 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-generation", action="store_true", help="skip the greedy-generation exact match")
     v.add_argument("--fluency-tokens", type=_non_negative_int, default=100, metavar="N",
                    help="sampled tokens per CounterFact fluency text (default 100; 0 = no fluency)")
+    v.add_argument("--pre-cache", metavar="FILE",
+                   help="the unedited model's evaluation of these records, shared by runs of other methods "
+                        "(used if it matches, else computed and written)")
     v.add_argument("--overwrite", action="store_true", help="replace a different or finished run in --out")
     v.add_argument("--quiet", action="store_true", help="no progress bars or chatter; only the results")
     v.set_defaults(func=cmd_eval)

@@ -422,13 +422,17 @@ def evaluate(
     overwrite: bool = False,
     progress: bool = True,
     meta: Mapping[str, Any] | None = None,
+    pre_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run one method under one protocol on `requests`; return the summary (and write `out` when given).
 
     The key statistics come from `c0` (per layer) or are loaded/computed from
     `corpus` as the editor would. `checkpoint_every` defaults to about ten
     checkpoints over the run. The model is left as it was given (weights
-    restored, hooks removed), also after an error.
+    restored, hooks removed), also after an error. `pre_cache` is a file
+    holding the unedited model's evaluation of these records, shared by runs
+    of other methods and protocols (it does not depend on them): used when its
+    key (records, settings, model) matches, else computed and written there.
     """
     started = time.perf_counter()
     hp = hparams or HParams()
@@ -470,9 +474,11 @@ def evaluate(
     setup_seconds = time.perf_counter() - started
 
     # Before editing: the unedited model, once (and the locality reference).
+    pre_key = {"requests_digest": config["requests_digest"], "settings": config["settings"],
+               "model_fingerprint": model_fp}
     pre_path = folder / PRE_FILE if folder else None
-    if pre_path is not None and pre_path.is_file():
-        saved = json.loads(pre_path.read_text())
+    saved = _read_pre(pre_path, pre_key) or _read_pre(Path(pre_cache) if pre_cache else None, pre_key)
+    if saved is not None:
         reference, pre, pre_seconds = saved["reference"], saved["pre"], saved["seconds"]
     else:
         t = time.perf_counter()
@@ -481,8 +487,12 @@ def evaluate(
         reference = locality_reference(model, tokenizer, reqs, settings.metric_batch_size)
         pre = evaluate_requests(model, tokenizer, reqs, reference, settings, full=True)
         pre_seconds = time.perf_counter() - t
-        if pre_path is not None:
-            atomic_write_text(pre_path, json.dumps({"reference": reference, "pre": pre, "seconds": pre_seconds}))
+        saved = {"key": pre_key, "reference": reference, "pre": pre, "seconds": pre_seconds}
+        if pre_cache is not None:
+            Path(pre_cache).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(Path(pre_cache), json.dumps(saved))
+    if pre_path is not None and not pre_path.is_file():
+        atomic_write_text(pre_path, json.dumps(saved))
 
     progress_path = folder / PROGRESS_FILE if folder else None
     prog = _Progress(json.loads(progress_path.read_text()) if progress_path and progress_path.is_file() else None)
@@ -610,6 +620,17 @@ def _record(i: int, r: Request, size: int, pre, post) -> dict[str, Any]:
 
 
 # ============================================================================ the output folder
+
+
+def _read_pre(path: Path | None, key: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A saved unedited-model evaluation, if `path` holds one for exactly these records and settings."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and saved.get("key") == json.loads(_json(key)) else None
 
 
 def _prepare_folder(folder: Path, config: Mapping[str, Any], overwrite: bool) -> str:
