@@ -27,6 +27,14 @@ leaves the others) writing ``OUT/runs/<dataset>-<protocol>-<method>/``.
   ``metrics.png`` is copied to ``OUT/plots/<cell>.png`` and one comparison
   plot per dataset and protocol is drawn (``OUT/plots/<dataset>-<protocol>.png``).
 
+Consecutive runs evaluate all edits so far every --checkpoint-every batches
+(default 5: after 100 and 200 edits). The unedited model's evaluation of a
+dataset's records is computed by its first cell and shared by the others
+(``OUT/runs/<dataset>-pre.json``, keyed by records, settings and model).
+Each cell holds a lock while it runs, so on a machine with cores to spare two
+invocations can share the table (``--threads 1`` each): the second skips the
+cell the first is running.
+
 OUT is --out-dir (default: benchmarks/). ``benchmarks/runs/`` is not
 committed (.gitignore); RESULTS.md and plots/ are. Each cell's console output
 goes to ``OUT/runs/<cell>.log`` and its command, commit, times and the load
@@ -219,7 +227,7 @@ def read_sidecar(path: Path) -> dict:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(".tmp-" + path.name)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
     tmp.replace(path)
 
@@ -445,7 +453,7 @@ def draw_comparisons(dataset: str, cells: list[Cell], summaries: dict[str, dict]
         fig.tight_layout()
         path = out / "plots" / f"{dataset}-{protocol}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(".tmp-" + path.name)
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
         fig.savefig(tmp, format="png")
         plt.close(fig)
         tmp.replace(path)
@@ -484,7 +492,7 @@ def write_results(args: argparse.Namespace, cells: list[Cell], out: Path, invoca
         "",
         "## Setup",
         "",
-        f"- Model: the embedded SmolLM2-135M-Instruct (float32), default hyperparameters "
+        "- Model: the embedded SmolLM2-135M-Instruct (float32), default hyperparameters "
         "(`comeba.hparams.HParams`), on the CPU.",
         f"- Records: dev records 0–{args.n - 1} of each dataset (`{display_path(Path(args.data_dir))}`), "
         f"in batches of {args.batch_size} ({-(-args.n // args.batch_size)} batches).",
@@ -560,7 +568,7 @@ def write_results(args: argparse.Namespace, cells: list[Cell], out: Path, invoca
     lines.append("")
     path = out / "RESULTS.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".tmp-" + path.name)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     tmp.write_text("\n".join(lines))
     tmp.replace(path)
     return path
@@ -597,20 +605,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[run_table] wrote {write_results(args, cells, out, invocation)}")
         return 0
 
-    failed = []
+    failed, elsewhere = [], []
     runs.mkdir(parents=True, exist_ok=True)
-    lock = open(runs / ".lock", "w")  # one invocation per output folder (held until this process exits)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        print(f"[run_table] error: another run_table.py is running on {out}; wait for it or use another --out-dir",
-              file=sys.stderr)
-        return 2
     try:
         precompute_stats(args, runs)
         for i, c in enumerate(todo, 1):
-            print(f"\n[run_table] run {i}/{len(todo)}: {c.name}\n[run_table] $ {shlex.join(c.command)}", flush=True)
-            rc = run_cell(c, args)
+            # One lock per cell (held while it runs): several invocations can share the table, e.g. one per core.
+            with open(runs / f"{c.name}.lock", "w") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    elsewhere.append(c.name)
+                    print(f"\n[run_table] {c.name}: running in another run_table.py; skipped here", flush=True)
+                    continue
+                if c.finished():  # finished by another invocation meanwhile
+                    continue
+                print(f"\n[run_table] run {i}/{len(todo)}: {c.name}\n[run_table] $ {shlex.join(c.command)}",
+                      flush=True)
+                rc = run_cell(c, args)
             if rc != 0 or not c.finished():
                 failed.append(c.name)
                 print(f"[run_table] {c.name} did not finish (exit {rc}); see {c.log}; going on", flush=True)
@@ -619,10 +631,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n[run_table] interrupted; wrote {write_results(args, cells, out, invocation)}; "
               "run the same command again to resume", file=sys.stderr)
         return 130
+    if elsewhere:
+        print(f"[run_table] left to the other invocation(s): {', '.join(elsewhere)}")
     if failed:
         print(f"[run_table] {len(failed)} run(s) did not finish: {', '.join(failed)}", file=sys.stderr)
         return 1
-    print("[run_table] all runs finished")
+    print("[run_table] all runs finished" if not elsewhere else "[run_table] all runs here finished")
     return 0
 
 
