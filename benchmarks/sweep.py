@@ -43,6 +43,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lambdas", type=float, nargs="+", default=[1000.0, 5000.0, 15000.0], help="λ values")
     p.add_argument("--layers", nargs="+", default=["4-8"], help="edited layer ranges, e.g. 4-8 3-7")
     p.add_argument("--alphas", type=float, nargs="+", default=[2.2], help="initial thresholds α₀")
+    p.add_argument("--model", default="embedded", help="'embedded' (default), a HF id or a local folder")
     p.add_argument("--offset", type=int, default=1000)
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=20)
@@ -54,7 +55,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    model, tok = load_model("embedded")
+    model, tok = load_model(args.model)
     data = Path(args.data_dir)
     requests = load_counterfact(data / "counterfact" / "counterfact-dev.json", offset=args.offset, n=args.n).requests
     corpus = text_corpus([data / "wikitext-2" / "valid.txt"])
