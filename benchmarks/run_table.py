@@ -188,7 +188,8 @@ class Cell:
         got = {"method": summary.get("method"), "protocol": summary.get("protocol"),
                "batch_size": summary.get("batch_size"), "n_requested": summary.get("n_requested"),
                "offset": summary.get("offset"), "data_kind": summary.get("data_kind"),
-               "mom2_n_tokens": (summary.get("hparams") or {}).get("mom2_n_tokens")}
+               "mom2_n_tokens": (summary.get("hparams") or {}).get("mom2_n_tokens"),
+               "checkpoint_every": summary.get("checkpoint_every")}
         return [k for k, v in self.expected.items() if got.get(k) != v]
 
     def finished(self) -> bool:
