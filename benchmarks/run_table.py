@@ -227,6 +227,19 @@ def read_sidecar(path: Path) -> dict:
         return {}
 
 
+def package_note(commits: Sequence[str]) -> str:
+    """Whether the package the runs measured (src/, pyproject.toml) is the same in all their commits."""
+    hashes = [c.split()[0] for c in commits]
+    try:
+        differ = any(subprocess.run(["git", "diff", "--quiet", hashes[0], h, "--", "src", "pyproject.toml"],
+                                    cwd=ROOT, capture_output=True).returncode != 0 for h in hashes[1:])
+    except OSError:
+        return "could not compare them (no git)."
+    dirty = any("uncommitted" in c for c in commits)
+    return ("src/ and pyproject.toml differ between them." if differ else
+            "src/ and pyproject.toml are the same in all of them" + (" (as committed)." if dirty else "."))
+
+
 def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
@@ -565,7 +578,8 @@ def write_results(args: argparse.Namespace, cells: list[Cell], out: Path, invoca
                          + ("" if s.get("returncode") in (0, None) else f" (exit {s.get('returncode')})") + " |")
     commits = {s.get("commit") for c in real for s in (read_sidecar(c.sidecar).get("sessions") or [])}
     if len(commits) > 1:
-        lines += ["", f"Note: the runs come from {len(commits)} different commits (see the table)."]
+        lines += ["", f"Note: the runs come from {len(commits)} different commits (see the table); "
+                  + package_note(sorted(str(c) for c in commits if c))]
     lines.append("")
     path = out / "RESULTS.md"
     path.parent.mkdir(parents=True, exist_ok=True)
