@@ -477,7 +477,9 @@ def evaluate(
     pre_key = {"requests_digest": config["requests_digest"], "settings": config["settings"],
                "model_fingerprint": model_fp}
     pre_path = folder / PRE_FILE if folder else None
-    saved = _read_pre(pre_path, pre_key) or _read_pre(Path(pre_cache) if pre_cache else None, pre_key)
+    shared_path = Path(pre_cache) if pre_cache is not None else None
+    here, shared = _read_pre(pre_path, pre_key), _read_pre(shared_path, pre_key)
+    saved = here or shared
     if saved is not None:
         reference, pre, pre_seconds = saved["reference"], saved["pre"], saved["seconds"]
     else:
@@ -488,11 +490,10 @@ def evaluate(
         pre = evaluate_requests(model, tokenizer, reqs, reference, settings, full=True)
         pre_seconds = time.perf_counter() - t
         saved = {"key": pre_key, "reference": reference, "pre": pre, "seconds": pre_seconds}
-        if pre_cache is not None:
-            Path(pre_cache).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(Path(pre_cache), json.dumps(saved))
-    if pre_path is not None and not pre_path.is_file():
-        atomic_write_text(pre_path, json.dumps(saved))
+    for path, had in ((pre_path, here), (shared_path, shared)):
+        if path is not None and had is None:  # missing, stale or another run's: (re)written
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(saved))
 
     progress_path = folder / PROGRESS_FILE if folder else None
     prog = _Progress(json.loads(progress_path.read_text()) if progress_path and progress_path.is_file() else None)
