@@ -21,6 +21,7 @@ import torch
 
 from comeba import metrics as M
 from comeba.data import load_dataset_spec
+from comeba.evaluate import _localities
 from comeba.models import load_model
 
 
@@ -38,13 +39,8 @@ def main() -> None:
         raise SystemExit(f"{run}: its records are not those of {summary['data']}")
     model, tok = load_model(summary.get("model") or "embedded")
 
-    # One locality prompt per record here (the flat CounterFact/zsRE layouts); more are folded by their minimum.
-    owners, prompts, answers = [], [], []
-    for i, r in enumerate(requests):
-        for prompt, answer in zip(r.locality_prompts, r.locality_ground_truths):
-            owners.append(i)
-            prompts.append(prompt)
-            answers.append(answer)
+    # One locality prompt per record in the flat CounterFact/zsRE layouts; more are folded by their minimum lead.
+    owners, prompts, answers = _localities(requests)
     lead = [float("inf")] * len(requests)
     for o, (logits, _) in zip(owners, M._teacher_forced(model, tok, prompts, answers, M.DEFAULT_BATCH_SIZE)):
         top = torch.softmax(logits, -1).topk(2, dim=-1).values
