@@ -35,8 +35,10 @@ Each cell holds a lock while it runs, so on a machine with cores to spare two
 invocations can share the table (``--threads 1`` each): the second skips the
 cell the first is running.
 
-OUT is --out-dir (default: benchmarks/). ``benchmarks/runs/`` is not
-committed (.gitignore); RESULTS.md and plots/ are. Each cell's console output
+OUT is --out-dir (default: benchmarks/). Finished cells under
+``benchmarks/runs/`` are committed with RESULTS.md and plots/, so the table is
+rebuilt (--report-only) and resumed from any checkout; a running cell's resume
+state, progress file and lock are not (.gitignore). Each cell's console output
 goes to ``OUT/runs/<cell>.log`` and its command, commit, times and the load
 average at its start to ``OUT/runs/<cell>.json``.
 """
@@ -598,6 +600,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out_dir)
     runs = out / "runs"
     cells = make_cells(args, runs)
+    # RESULTS.md always shows the whole table, whichever part this invocation runs.
+    whole = argparse.Namespace(**{**vars(args), "datasets": list(DATASETS), "protocols": list(PROTOCOLS),
+                                  "methods": list(METHODS)})
+    table = make_cells(whole, runs)
     for d in args.datasets:
         data = Path(args.data_dir) / DATASETS[d][1]
         if not data.is_file():
@@ -617,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(shlex.join(c.command))
         return 0
     if args.report_only or not todo:
-        print(f"[run_table] wrote {write_results(args, cells, out, invocation)}")
+        print(f"[run_table] wrote {write_results(whole, table, out, invocation)}")
         return 0
 
     failed, elsewhere = [], []
@@ -641,9 +647,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if rc != 0 or not c.finished():
                 failed.append(c.name)
                 print(f"[run_table] {c.name} did not finish (exit {rc}); see {c.log}; going on", flush=True)
-            print(f"[run_table] wrote {write_results(args, cells, out, invocation)}", flush=True)
+            print(f"[run_table] wrote {write_results(whole, table, out, invocation)}", flush=True)
     except KeyboardInterrupt:
-        print(f"\n[run_table] interrupted; wrote {write_results(args, cells, out, invocation)}; "
+        print(f"\n[run_table] interrupted; wrote {write_results(whole, table, out, invocation)}; "
               "run the same command again to resume", file=sys.stderr)
         return 130
     if elsewhere:
