@@ -10,11 +10,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def git_commit() -> str:
-    """HEAD of the repository, marked when tracked files have uncommitted changes."""
+    """HEAD of the repository, marked when the code it runs has uncommitted changes.
+
+    Only the code counts (src/, pyproject.toml, benchmarks/*.py): the results the
+    benchmarks themselves write (RESULTS.md, plots, runs) change while they run.
+    """
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                "src", "pyproject.toml", "benchmarks/*.py"], cwd=ROOT,
                                capture_output=True, text=True).stdout.strip()
         return head + (" (with uncommitted changes)" if dirty else "")
     except Exception:  # noqa: BLE001 - informational only
