@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from comeba.cli import main, taken
+from comeba import models
+from comeba.cli import DTYPES, main, taken
 from tiny import make_model
 
 HPARAMS_YAML = """\
@@ -254,6 +256,22 @@ def test_stats_caches_and_reports(files, model_dir, capsys):
     assert out.count("computed now") == 2
     assert main(args) == 0
     assert capsys.readouterr().out.count("cached (created") == 2
+
+
+def test_device_and_dtype(files, model_dir, capsys):
+    """--device auto runs where torch can; an unusable device is one clear line, before loading."""
+    assert main(["stats", "--model", str(model_dir), "--layers", "1", "--stats-text", str(files["text"]),
+                 "--stats-tokens", "300", "--dtype", "bfloat16", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "(cpu, bfloat16)" in captured.err  # the "loaded in" line
+    assert "llama layout, cpu, bfloat16)" in captured.out
+    assert main(["generate", "--model", str(model_dir), "--device", "nowhere", "--quiet", "Hello"]) == 2
+    assert "unknown device 'nowhere'" in _error_line(capsys)
+    if not torch.cuda.is_available():
+        assert main(["generate", "--model", str(model_dir), "--device", "cuda", "--quiet", "Hello"]) == 2
+        assert "sees no CUDA device" in _error_line(capsys)
+    assert main(["generate", "--model", str(model_dir), "--dtype", "float8", "--quiet", "Hello"]) == 2
+    assert DTYPES == models.DTYPES
 
 
 def test_usage_errors_return_2(capsys):

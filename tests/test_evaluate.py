@@ -366,13 +366,33 @@ def test_cached_metric_generation_matches_the_editor(llama, tokenizer, corpus):
     from comeba import metrics as M
     from comeba.editor import Editor
 
+    from comeba.editor import batch_gate_maxima
+    from comeba.text import encode_prompt
+
     editor = Editor.create(llama, tokenizer, HP, corpus=corpus, progress=False)
     editor.edit(REQUESTS[:2])
     prompts = [r["prompt"] for r in REQUESTS] + ["Because the weather was cold, they stayed"]
     expected = editor.generate(prompts, max_new_tokens=6)
     with editor.applied():
         ours = M.generate_tokens(llama, tokenizer, prompts, 6, use_cache=True)
-    assert [tokenizer.decode(t, skip_special_tokens=True) for t in ours] == expected
+        for prompt, tokens, text in zip(prompts, ours, expected):
+            if tokenizer.decode(tokens, skip_special_tokens=True) == text:
+                continue
+            # Left padding and the cache change float rounding, so the two may part where rounding
+            # decides: a near tie of the logits, or a gate score on α itself: the edited prompt that
+            # set α (α = its max score at a layer) sits on the gate's edge. Seen with torch 2.11.
+            ids = encode_prompt(tokenizer, prompt)
+            ref = llama.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 do_sample=False, max_new_tokens=6, pad_token_id=tokenizer.pad_token_id)[0, len(ids):]
+            k = next(i for i, (a, b) in enumerate(zip(tokens, ref.tolist())) if a != b)
+            logits = llama(input_ids=torch.tensor([ids + tokens[:k]])).logits[0, -1]
+            tie = abs(float(logits[tokens[k]] - logits[ref[k]])) < 1e-4
+            editor.detach()
+            maxima = batch_gate_maxima(llama, tokenizer, editor.layout, [prompt],
+                                       {l: s.delta for l, s in editor.layers.items()})
+            editor.attach()
+            on_edge = any(abs(float(maxima[l][0]) - s.alpha) < 1e-5 for l, s in editor.layers.items())
+            assert tie or on_edge, (prompt, k, tokens, ref, {l: s.alpha for l, s in editor.layers.items()}, maxima)
 
 
 def test_pre_cache_is_shared_between_methods_and_keyed(llama, tokenizer, corpus, tmp_path, monkeypatch):

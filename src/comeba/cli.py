@@ -38,6 +38,8 @@ EXIT_INTERRUPTED = 130
 # The same as comeba.evaluate.METHODS / PROTOCOLS (kept here so `--help` does not import torch).
 EVAL_METHODS = ("comeba", "no-hook", "memit", "seq-memit", "alphaedit")
 EVAL_PROTOCOLS = ("consecutive", "single")
+# The same as comeba.models.DTYPES.
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class CLIError(Exception):
@@ -194,8 +196,9 @@ def load_model_for(name: str, args: argparse.Namespace):
 
     _say(args, f"model: {name}")
     start = time.perf_counter()
-    model, tokenizer = load_model(name)
-    _say(args, f"  loaded in {time.perf_counter() - start:.1f} s")
+    model, tokenizer = load_model(name, dtype=args.dtype, device=args.device)
+    param = next(model.parameters())
+    _say(args, f"  loaded in {time.perf_counter() - start:.1f} s ({param.device}, {str(param.dtype).replace('torch.', '')})")
     return model, tokenizer
 
 
@@ -413,7 +416,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     fp = fingerprint(model)
     folder = stats_dir(fp, corpus)
     print(f"statistics corpus: {corpus.describe}")
-    print(f"model: {args.model} (fingerprint {fp}, {layout.name} layout)")
+    param = next(model.parameters())
+    print(f"model: {args.model} (fingerprint {fp}, {layout.name} layout, {param.device}, "
+          f"{str(param.dtype).replace('torch.', '')})")
     print(f"layers {list(hp.layers)}, {hp.mom2_n_tokens} tokens requested, {hp.mom2_dtype}")
     _, provenance = load_or_compute_stats(model, tokenizer, layout, hp.layers, corpus, hp.mom2_n_tokens,
                                           hp.mom2_dtype, model_fp=fp, progress=not args.quiet)
@@ -526,13 +531,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print()
     print(f"time {summary['seconds']:.1f} s (editing {summary['edit_seconds']:.1f} s, "
           f"{summary['seconds_per_edit']:.2f} s per edit; evaluation {summary['eval_seconds']:.1f} s); "
-          f"peak RSS {summary['peak_rss_mb']:.0f} MB")
+          f"peak RSS {summary['peak_rss_mb']:.0f} MB"
+          + (f", peak GPU memory {summary['peak_gpu_mb']:.0f} MB" if summary.get("peak_gpu_mb") is not None else ""))
     if not summary.get("already_complete"):
         print(f"wrote {out / 'summary.json'}, records.jsonl, checkpoints.csv, metrics.png")
     return 0
 
 
 # ----------------------------------------------------------------------------- parser
+
+
+def _model_placement(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", metavar="D",
+                        help="where the model runs: auto (default: CUDA when torch sees it, else CPU), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="load the model in this dtype (default: the checkpoint's; the embedded model is float32). "
+                             "Statistics and states belong to one dtype")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -560,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stats-tokens", type=_positive_int, metavar="N", help="tokens for the key statistics (hparams mom2_n_tokens)")
     e.add_argument("--hparams", metavar="FILE", help="hyperparameter YAML (EasyEdit keys); not allowed when resuming")
     e.add_argument("--max-new-tokens", type=_positive_int, default=8, metavar="N", help="greedy tokens per answer (default 8)")
+    _model_placement(e)
     e.add_argument("--quiet", action="store_true", help="no progress bars or chatter; only the results")
     e.set_defaults(func=cmd_edit)
 
@@ -568,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--state", metavar="DIR", help="a state written by `comeba edit` (its base model is used)")
     g.add_argument("--model", metavar="M", default=None, help="the base model (default: the state's, else 'embedded')")
     g.add_argument("--max-new-tokens", type=_positive_int, default=20, metavar="N", help="greedy tokens (default 20)")
+    _model_placement(g)
     g.add_argument("--quiet", action="store_true", help="print only the continuations")
     g.add_argument("prompts", nargs="+", metavar="PROMPT")
     g.set_defaults(func=cmd_generate)
@@ -579,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stats-text", nargs="+", metavar="PATH", help=stats_help)
     s.add_argument("--stats-tokens", type=_positive_int, metavar="N", help="tokens (hparams mom2_n_tokens)")
     s.add_argument("--hparams", metavar="FILE", help="hyperparameter YAML (EasyEdit keys)")
+    _model_placement(s)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_stats)
 
@@ -609,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the unedited model's evaluation of these records, shared by runs of other methods "
                         "(used if it matches, else computed and written)")
     v.add_argument("--overwrite", action="store_true", help="replace a different or finished run in --out")
+    _model_placement(v)
     v.add_argument("--quiet", action="store_true", help="no progress bars or chatter; only the results")
     v.set_defaults(func=cmd_eval)
     return parser

@@ -36,12 +36,16 @@ FORWARD_CHUNK = 64  # sequences per forward pass when only reading activations
 def context_templates(model, tokenizer, hp: HParams) -> list[str]:
     """["{}"] + one sampled (top-5) continuation of each prefix, then ". {}".
 
-    Generated once by the unedited model and reused for every batch; the
-    sampling is seeded and does not disturb the caller's random state.
+    Generated once by the unedited model and reused for every batch (a saved
+    state keeps them); the sampling is seeded and does not disturb the
+    caller's random state. It runs on the model's device, whose random
+    stream is its own: on CUDA the same seed draws other templates than on
+    the CPU.
     """
     device = model_device(model)
     out = ["{}"]
-    with torch.random.fork_rng(devices=[]):
+    cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # manual_seed reseeds every CUDA device
         torch.manual_seed(hp.seed)
         for prefix in hp.context_template_prefixes:
             ids = torch.tensor([encode_prompt(tokenizer, prefix)], device=device)

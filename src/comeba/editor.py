@@ -298,7 +298,8 @@ class Editor:
             raise StateError(
                 f"the editor state in {directory} was made for base model {base.get('name_or_path')!r} "
                 f"(fingerprint {base.get('fingerprint')}), but the given model "
-                f"{getattr(model, 'name_or_path', '?')!r} has fingerprint {fp}: load the state onto the model it was made for"
+                f"{getattr(model, 'name_or_path', '?')!r} has fingerprint {fp}: load the state onto the model it was made for, "
+                "in the dtype it was made in"
             )
         hp = HParams.from_dict(config["hparams"])
         tensors = load_file(str(directory / config["tensors"]))

@@ -122,7 +122,7 @@ def mlp_out_weight(model: torch.nn.Module, layout: Layout, layer: int) -> torch.
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:
-    """Name of the KV-cache argument: `cache` in transformers 5, `past_key_values` before."""
+    """Name of the KV-cache argument: `cache` in recent transformers 5 releases, `past_key_values` before (5.17 too)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -227,6 +227,28 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(target)
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """`auto` (or None) is the first CUDA device when torch sees one, else the CPU.
+
+    An explicit device torch cannot use is an error here, before minutes of loading.
+    """
+    if spec is None or str(spec) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {str(spec)!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(spec)!r} asked for, but this torch ({torch.__version__}) sees no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(spec)!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
 def load_model(
     name_or_path: str = EMBEDDED,
     dtype: torch.dtype | str | None = None,
@@ -235,11 +257,16 @@ def load_model(
     """(model, tokenizer) for an HF id, a local folder, or `embedded` (SmolLM2-135M-Instruct).
 
     The model is frozen and in eval mode: comeba never trains or modifies it.
+    `dtype` None keeps the checkpoint's; `device` None keeps the CPU, `auto`
+    takes CUDA when present.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .text import ensure_pad_token
 
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    target = resolve_device(device) if device is not None else None
     start = time.perf_counter()
     path = resolve_model_path(name_or_path)
     kwargs: dict[str, Any] = {}
@@ -254,8 +281,8 @@ def load_model(
             "Give a local folder with config.json and weights, a Hugging Face model id "
             "(needs network access or a filled HF cache), or 'embedded'."
         ) from err
-    if device is not None:
-        model.to(device)
+    if target is not None:
+        model.to(target)
     model.eval()
     model.requires_grad_(False)
     ensure_pad_token(tokenizer)
