@@ -21,7 +21,7 @@ import torch
 
 from comeba import metrics as M
 from comeba.data import load_dataset_spec
-from comeba.evaluate import _localities
+from comeba.evaluate import locality_prompts
 from comeba.models import load_model
 
 
@@ -40,7 +40,7 @@ def main() -> None:
     model, tok = load_model(summary.get("model") or "embedded")
 
     # One locality prompt per record in the flat CounterFact/zsRE layouts; more are folded by their minimum lead.
-    owners, prompts, answers = _localities(requests)
+    owners, prompts, answers = locality_prompts(requests)
     lead = [float("inf")] * len(requests)
     for o, (logits, _) in zip(owners, M._teacher_forced(model, tok, prompts, answers, M.DEFAULT_BATCH_SIZE)):
         top = torch.softmax(logits, -1).topk(2, dim=-1).values

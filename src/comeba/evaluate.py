@@ -140,7 +140,11 @@ def _rephrases(requests: Sequence[Request]) -> tuple[list[int], list[str], list[
     return owners, prompts, reqs
 
 
-def _localities(requests: Sequence[Request]) -> tuple[list[int], list[str], list[str]]:
+def locality_prompts(requests: Sequence[Request]) -> tuple[list[int], list[str], list[str]]:
+    """(owning record, prompt, answer) over every record's locality prompts, flattened in order.
+
+    Public so that analyses of a run (benchmarks/locality_margins.py) line up with its records.
+    """
     owners, prompts, truths = [], [], []
     for i, r in enumerate(requests):
         for p, t in zip(r.locality_prompts, r.locality_ground_truths):
@@ -154,7 +158,7 @@ def _localities(requests: Sequence[Request]) -> tuple[list[int], list[str], list
 def locality_reference(model, tokenizer, requests: Sequence[Request], batch_size: int = M.DEFAULT_BATCH_SIZE
                        ) -> list[list[list[int]]]:
     """Per request, per locality prompt: the argmax tokens over its ground truth (store for the unedited model)."""
-    owners, prompts, truths = _localities(requests)
+    owners, prompts, truths = locality_prompts(requests)
     tokens = M.argmax_tokens(model, tokenizer, prompts, truths, batch_size=batch_size) if prompts else []
     out: list[list[list[int]]] = [[] for _ in requests]
     for o, t in zip(owners, tokens):
@@ -196,7 +200,7 @@ def evaluate_requests(
     g_targets = [r.target_new for r in g_reqs]
     out["generality"] = (_grouped(g_own, M.token_accuracy(model, tokenizer, g_prompts, g_targets, batch_size=bs), n)
                          if g_prompts else [None] * n)
-    l_own, l_prompts, l_truths = _localities(requests)
+    l_own, l_prompts, l_truths = locality_prompts(requests)
     if l_prompts:
         after = M.argmax_tokens(model, tokenizer, l_prompts, l_truths, batch_size=bs)
         before = [list(reference[o][j]) for o, j in _positions(l_own)]
