@@ -8,6 +8,7 @@ built on the CPU and copied to the GPU, so both devices start from the same weig
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from comeba.hparams import HParams
 from comeba.models import detect_layout, fingerprint, resolve_device, weights_checksum
 from comeba.stats import compute_second_moments, text_corpus
 from test_editor import HP as EDITOR_HP
-from test_editor import R1, R2, R3
+from test_editor import R1, R2, R3, _p_first
 from test_evaluate import HP as EVAL_HP
 from test_evaluate import REQUESTS
 
@@ -42,14 +43,6 @@ def corpus(corpus_file):
 def _pair(make_tiny, arch: str, dtype: torch.dtype = torch.float32):
     cpu = make_tiny(arch)
     return cpu, copy.deepcopy(cpu).to(CUDA, dtype)
-
-
-@torch.no_grad()
-def _p_first(model, tokenizer, request) -> float:
-    """P(first token of ' target' | prompt) on the model's device."""
-    first = tokenizer(" " + request["target_new"], add_special_tokens=False).input_ids[0]
-    ids = torch.tensor([tokenizer(request["prompt"]).input_ids], device=next(model.parameters()).device)
-    return torch.softmax(model(input_ids=ids).logits[0, -1].float(), -1)[first].item()
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -173,8 +166,6 @@ def test_cli_runs_on_the_gpu(tmp_path, tokenizer, make_tiny, monkeypatch, capsys
     make_tiny("llama").save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     monkeypatch.setenv("COMEBA_HOME", str(tmp_path / "home"))
-    import json
-
     (tmp_path / "edits.json").write_text(json.dumps(EDITS))
     (tmp_path / "hp.yaml").write_text(HPARAMS_YAML)
     (tmp_path / "stats.txt").write_text(STATS_TEXT * 4)

@@ -14,6 +14,7 @@ from comeba.editor import CONFIG_FILE, Editor, StateError, batch_gate_maxima
 from comeba.hparams import HParams
 from comeba.models import weights_checksum
 from comeba.requests import RequestError
+from comeba.text import model_device
 from comeba.stats import text_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread", "shared_comeba_home")
@@ -68,9 +69,9 @@ def _ids(tokenizer, text):
 
 @torch.no_grad()
 def _p_first(model, tokenizer, request) -> float:
-    """P(first token of ' target' | prompt)."""
+    """P(first token of ' target' | prompt), on the model's device."""
     first = tokenizer(" " + request["target_new"], add_special_tokens=False).input_ids[0]
-    logits = model(input_ids=_ids(tokenizer, request["prompt"])).logits[0, -1]
+    logits = model(input_ids=_ids(tokenizer, request["prompt"]).to(model_device(model))).logits[0, -1]
     return torch.softmax(logits.float(), -1)[first].item()
 
 

@@ -364,9 +364,7 @@ def test_cli_eval(model_dir, corpus_file, tmp_path, capsys):
 def test_cached_metric_generation_matches_the_editor(llama, tokenizer, corpus):
     """The metrics' KV-cache generation runs the gated hooks as Editor.generate does."""
     from comeba import metrics as M
-    from comeba.editor import Editor
-
-    from comeba.editor import batch_gate_maxima
+    from comeba.editor import Editor, batch_gate_maxima
     from comeba.text import encode_prompt
 
     editor = Editor.create(llama, tokenizer, HP, corpus=corpus, progress=False)

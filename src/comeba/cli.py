@@ -191,14 +191,19 @@ def base_model_of(directory: str) -> str:
     return name
 
 
+def _placement(model) -> str:
+    """'cpu, float32': where a loaded model runs and in what dtype (statistics and states depend on both)."""
+    param = next(model.parameters())
+    return f"{param.device}, {str(param.dtype).replace('torch.', '')}"
+
+
 def load_model_for(name: str, args: argparse.Namespace):
     from .models import load_model
 
     _say(args, f"model: {name}")
     start = time.perf_counter()
     model, tokenizer = load_model(name, dtype=args.dtype, device=args.device)
-    param = next(model.parameters())
-    _say(args, f"  loaded in {time.perf_counter() - start:.1f} s ({param.device}, {str(param.dtype).replace('torch.', '')})")
+    _say(args, f"  loaded in {time.perf_counter() - start:.1f} s ({_placement(model)})")
     return model, tokenizer
 
 
@@ -416,9 +421,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     fp = fingerprint(model)
     folder = stats_dir(fp, corpus)
     print(f"statistics corpus: {corpus.describe}")
-    param = next(model.parameters())
-    print(f"model: {args.model} (fingerprint {fp}, {layout.name} layout, {param.device}, "
-          f"{str(param.dtype).replace('torch.', '')})")
+    print(f"model: {args.model} (fingerprint {fp}, {layout.name} layout, {_placement(model)})")
     print(f"layers {list(hp.layers)}, {hp.mom2_n_tokens} tokens requested, {hp.mom2_dtype}")
     _, provenance = load_or_compute_stats(model, tokenizer, layout, hp.layers, corpus, hp.mom2_n_tokens,
                                           hp.mom2_dtype, model_fp=fp, progress=not args.quiet)

@@ -230,12 +230,12 @@ def resolve_model_path(name_or_path: str) -> str:
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
-    """`auto` (or None) is the first CUDA device when torch sees one, else the CPU.
+def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+    """`auto` is the first CUDA device when torch sees one, else the CPU.
 
     An explicit device torch cannot use is an error here, before minutes of loading.
     """
-    if spec is None or str(spec) == "auto":
+    if str(spec) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(spec)
