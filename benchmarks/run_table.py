@@ -67,7 +67,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 DEFAULT_OUT = ROOT / "benchmarks"
 
-METHODS = ("comeba", "no-hook", "memit", "seq-memit", "alphaedit")
+METHODS = ("comeba", "comeba-reference", "no-hook", "memit", "seq-memit", "alphaedit")
+# Table method -> (comeba eval --method, comeba's gate or None): comeba-reference is comeba with the
+# authors' z-score gate (`--gate reference`), the paper's method as published.
+EVAL_METHOD = {"comeba": ("comeba", "span"), "comeba-reference": ("comeba", "reference")}
+DIAGNOSTICS_TEXT = "wikitext-2/test.txt"
 PROTOCOLS = ("consecutive", "single")
 DATASETS = {  # name -> (comeba eval kind, file under --data-dir, title)
     "counterfact": ("counterfact", "counterfact/counterfact-dev.json", "CounterFact"),
@@ -166,15 +170,21 @@ class Cell:
         kind, rel, _ = DATASETS[dataset]
         data = Path(args.data_dir) / rel
         self.data_spec = f"{kind}:{display_path(data)}"
-        self.command = ["comeba", "eval", "--method", method, "--protocol", protocol, "--data", self.data_spec,
+        eval_method, self.gate = EVAL_METHOD.get(method, (method, None))
+        self.command = ["comeba", "eval", "--method", eval_method, "--protocol", protocol, "--data", self.data_spec,
                         "--n", str(args.n), "--batch-size", str(args.batch_size),
                         "--checkpoint-every", str(args.checkpoint_every),
                         "--pre-cache", display_path(runs / f"{dataset}-pre.json"),
                         "--stats-text", display_path(Path(args.data_dir) / STATS_TEXT),
                         "--stats-tokens", str(args.stats_tokens), "--out", display_path(self.folder)]
-        self.expected = {"method": method, "protocol": protocol, "batch_size": args.batch_size,
+        if self.gate == "span":  # the gate diagnostics (cells run before them have none)
+            self.command[-2:-2] = ["--gate", "span", "--diagnostics-text",
+                                   display_path(Path(args.data_dir) / DIAGNOSTICS_TEXT)]
+        elif self.gate:
+            self.command[-2:-2] = ["--gate", self.gate]
+        self.expected = {"method": eval_method, "protocol": protocol, "batch_size": args.batch_size,
                          "n_requested": args.n, "offset": 0, "data_kind": kind, "mom2_n_tokens": args.stats_tokens,
-                         "checkpoint_every": args.checkpoint_every}
+                         "checkpoint_every": args.checkpoint_every, "gate": self.gate}
 
     def read_json(self, name: str) -> dict | None:
         try:
@@ -191,7 +201,10 @@ class Cell:
                "batch_size": summary.get("batch_size"), "n_requested": summary.get("n_requested"),
                "offset": summary.get("offset"), "data_kind": summary.get("data_kind"),
                "mom2_n_tokens": (summary.get("hparams") or {}).get("mom2_n_tokens"),
-               "checkpoint_every": summary.get("checkpoint_every")}
+               "checkpoint_every": summary.get("checkpoint_every"),
+               # runs from before the span gate used the reference gate
+               "gate": ((summary.get("hparams") or {}).get("gate", "reference")
+                        if summary.get("method") == "comeba" else None)}
         return [k for k, v in self.expected.items() if got.get(k) != v]
 
     def finished(self) -> bool:
@@ -384,13 +397,14 @@ def table_for(dataset: str, cells: list[Cell], out: Path) -> tuple[list[str], li
     if not done:
         present = [col for col in COLUMNS if dataset == "counterfact" or col[0] not in
                    ("efficacy_score", "paraphrase_score", "neighborhood_score", "fluency")]
-    header = ["protocol", "method", "edits"] + [c[1] for c in present] + ["seconds", "s / edit", "peak RSS MB"]
+    header = (["protocol", "method", "edits"] + [c[1] for c in present]
+              + ["false-open % (worst layer)", "perplexity ratio", "seconds", "s / edit", "peak RSS MB"])
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
 
     if done:
         pre0 = done[0].get("pre") or {}
         lines.append("| — | unedited (pre) | " + str(done[0].get("n_edits")) + " | "
-                     + " | ".join(fmt(pre0.get(k), f) for k, _, f in present) + " | — | — | — |")
+                     + " | ".join(fmt(pre0.get(k), f) for k, _, f in present) + " | — | 1 | — | — | — |")
     notes = []
     # Pre values are the unedited model on the same records: they should agree across cells.
     diffs = {}
@@ -418,6 +432,9 @@ def table_for(dataset: str, cells: list[Cell], out: Path) -> tuple[list[str], li
         post = s.get("post") or {}
         row = [c.protocol, f"[{c.method}](plots/{c.name}.png)", str(s.get("n_edits"))]
         row += [fmt(post.get(k), f) for k, _, f in present]
+        last = (s.get("checkpoints") or [{}])[-1]
+        row += [fmt(max((last[k] for k in last if k.startswith("false_open_") and k != "false_open_max"), default=None),
+                    "{:.2f}"), fmt(last.get("perplexity_ratio"), "{:.4f}")]
         row += [fmt(s.get("seconds"), "{:.0f}"), fmt(s.get("seconds_per_edit"), "{:.2f}"),
                 fmt(s.get("peak_rss_mb"), "{:.0f}")]
         lines.append("| " + " | ".join(row) + " |")
@@ -452,8 +469,8 @@ def draw_comparisons(dataset: str, cells: list[Cell], summaries: dict[str, dict]
                 xs = [cp["n_edits"] for cp in cps]
                 ys = [cp.get(key) for cp in cps]
                 k = METHODS.index(method)  # a fixed colour, marker and dash per method: equal curves stay visible
-                ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="osD^v"[k], ms=4 + (k % 2),
-                        linestyle=("-", "--", "-.", ":", "-")[k], color=f"C{k}", label=method, alpha=0.85)
+                ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="osD^vp"[k], ms=4 + (k % 2),
+                        linestyle=("-", "--", "-.", ":", "-", "--")[k], color=f"C{k}", label=method, alpha=0.85)
             pre = (runs[0][1].get("pre") or {}).get(key)
             if pre is not None and key != "locality":
                 ax.axhline(pre, color="grey", linestyle=":", linewidth=1)

@@ -72,7 +72,7 @@ class WeightEditor:
         hp = self.hparams
         z = target_values(self.model, self.tokenizer, self.layout, batch, hp, self.templates, progress=self.progress)
 
-        def apply(layer: int, delta: torch.Tensor) -> None:
+        def apply(layer: int, delta: torch.Tensor, keys: torch.Tensor) -> None:
             weight = mlp_out_weight(self.model, self.layout, layer)
             with torch.no_grad():
                 weight.add_(delta.to(weight))

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
+from .hparams import GATES  # torch-free
 
 PROG = "comeba"
 EXIT_ERROR = 2
@@ -307,7 +308,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
             )
         hp = None
     else:
-        hp = read_hparams(args.hparams, mom2_n_tokens=args.stats_tokens)
+        hp = read_hparams(args.hparams, mom2_n_tokens=args.stats_tokens, gate=args.gate)
+    if kind == "existing" and args.gate:
+        raise CLIError(f"--gate cannot be given when resuming the state in {args.state!r}: its gate is fixed by the state")
     batch_size = args.batch_size
     if args.stats_text:
         for p in args.stats_text:  # fail early on a missing statistics file
@@ -493,11 +496,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if loaded.skipped:
         print(f"{args.data}: skipped {len(loaded.skipped)} record(s) that cannot be edited "
               f"(first: record {loaded.skipped[0][0]}: {loaded.skipped[0][1]})")
-    hp = read_hparams(args.hparams, mom2_n_tokens=args.stats_tokens)
+    hp = read_hparams(args.hparams, mom2_n_tokens=args.stats_tokens, gate=args.gate)
     if args.stats_text:
         for p in args.stats_text:
             if not Path(p).exists():
                 raise CLIError(f"statistics text {p!r} does not exist")
+    if args.diagnostics_text and not Path(args.diagnostics_text).is_file():
+        raise CLIError(f"diagnostics text {args.diagnostics_text!r} does not exist")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {args.out!r} is a file, not a folder")
@@ -510,7 +515,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     note = "" if corpus.kind != "samples" else "  (no real text given: pass --stats-text FILE.txt for better statistics)"
     print(f"statistics corpus: {corpus.describe}, {hp.mom2_n_tokens} tokens{note}")
     settings = Settings(counterfact=(kind == "counterfact"), generation=not args.no_generation,
-                        fluency_tokens=args.fluency_tokens)
+                        fluency_tokens=args.fluency_tokens,
+                        diagnostics_text=str(Path(args.diagnostics_text).resolve()) if args.diagnostics_text else None)
     size = args.batch_size or hp.batch_size
     n = len(loaded.requests)
     if args.method == "alphaedit":
@@ -576,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stats-text", nargs="+", metavar="PATH", help=stats_help)
     e.add_argument("--stats-tokens", type=_positive_int, metavar="N", help="tokens for the key statistics (hparams mom2_n_tokens)")
     e.add_argument("--hparams", metavar="FILE", help="hyperparameter YAML (EasyEdit keys); not allowed when resuming")
+    e.add_argument("--gate", choices=GATES, default=None, help="gate of a new state (hparams gate; default span)")
     e.add_argument("--max-new-tokens", type=_positive_int, default=8, metavar="N", help="greedy tokens per answer (default 8)")
     _model_placement(e)
     e.add_argument("--quiet", action="store_true", help="no progress bars or chatter; only the results")
@@ -622,6 +629,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--hparams", metavar="FILE", help="hyperparameter YAML (EasyEdit keys)")
     v.add_argument("--model", metavar="M", default=None, help="'embedded' (default), a HF id or a local folder")
     v.add_argument("--out", required=True, metavar="DIR", help="output folder (a new one, or a run to resume)")
+    v.add_argument("--gate", choices=GATES, default=None,
+                   help="comeba's gate: span (default) or reference (the authors' z-score rule)")
+    v.add_argument("--diagnostics-text", metavar="FILE",
+                   help="general text (not the statistics text) for the gate diagnostics at every checkpoint: "
+                        "false-open rate, subjects' open rate, perplexity against the unedited model")
     v.add_argument("--no-generation", action="store_true", help="skip the greedy-generation exact match")
     v.add_argument("--fluency-tokens", type=_non_negative_int, default=100, metavar="N",
                    help="sampled tokens per CounterFact fluency text (default 100; 0 = no fluency)")

@@ -370,15 +370,16 @@ def write_layers(
     templates: Sequence[str],
     targets: torch.Tensor,
     solve: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
-    apply: Callable[[int, torch.Tensor], None],
+    apply: Callable[[int, torch.Tensor, torch.Tensor], None],
     progress: bool = False,
 ) -> dict[int, torch.Tensor]:
     """Write the targets into `layers` in order, spreading the residual over the layers left.
 
     For layer l_i: K at l_i, R = (Z − current output of l_n) / (layers left),
     Δ = solve(l_i, R, K) — `solve_update` against the method's covariance, or
-    a variant such as AlphaEdit's — then `apply(l_i, Δ)`, which must make the
-    model compute with the new weights before the next layer's keys are read.
+    a variant such as AlphaEdit's — then `apply(l_i, Δ, K)`, which must make
+    the model compute with the new weights before the next layer's keys are
+    read (and may accumulate K).
     Returns the keys per layer (to accumulate).
     """
     keys: dict[int, torch.Tensor] = {}
@@ -388,7 +389,7 @@ def write_layers(
         current = subject_outputs(model, tokenizer, layout, last, requests)
         R = (targets.to(current.device) - current) / (len(layers) - i)
         delta = solve(layer, R, K)
-        apply(layer, delta)
+        apply(layer, delta, K)
         keys[layer] = K
         log.debug("layer %d: |R| %.3f |Δ| %.3f", layer, R.norm(dim=1).mean().item(), delta.norm().item())
     return keys

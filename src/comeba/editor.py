@@ -25,12 +25,12 @@ from tqdm.auto import tqdm
 from . import __version__
 from .compute import accumulate_keys, context_templates, solve_update, target_values, write_layers
 from .files import atomic_save_tensors, atomic_write_text
-from .hooks import HookLayers, HookWeights, gate_scores, hook_addition
+from .hooks import HookLayers, HookWeights, SpanGate, gate_scores, hook_addition, span_gate, span_threshold
 from .hparams import HParams
 from .models import Layout, detect_layout, fingerprint, mlp_out_weight, num_layers
 from .requests import Request, make_requests
-from .stats import Corpus, default_corpus, load_or_compute_stats
-from .text import encode_prompt, model_device, pad_batch
+from .stats import Corpus, calibration_sample, default_corpus, load_or_compute_stats, samples_corpus
+from .text import encode_prompt, model_device, pad_batch, subject_last_index
 from .trace import trace
 
 log = logging.getLogger(__name__)
@@ -46,14 +46,20 @@ class StateError(ValueError):
 
 @dataclass
 class LayerState:
-    """One hook layer: ΔW (float32, d_out × d_in), C_accu (float64, d_in × d_in), α."""
+    """One hook layer: ΔW (float32, d_out × d_in), C_accu (float64, d_in × d_in), α.
+
+    The span gate also keeps C0 (fixed, in the statistics' dtype) and the gate derived from C0
+    and C_accu (recomputed, never saved).
+    """
 
     delta: torch.Tensor
     c_accu: torch.Tensor
     alpha: float
+    c0: torch.Tensor | None = None
+    span: SpanGate | None = None
 
     def clone(self) -> "LayerState":
-        return LayerState(self.delta.clone(), self.c_accu.clone(), self.alpha)
+        return LayerState(self.delta.clone(), self.c_accu.clone(), self.alpha, self.c0, self.span)
 
 
 class Editor:
@@ -75,6 +81,7 @@ class Editor:
         stats_provenance: Mapping[str, Any] | None = None,
         n_batches: int = 0,
         n_edits: int = 0,
+        calibration: Sequence[Sequence[int]] | None = None,
         progress: bool = True,
     ):
         self.model = model
@@ -89,6 +96,15 @@ class Editor:
         self.n_batches = n_batches
         self.n_edits = n_edits
         self.progress = progress
+        self.calibration = [list(map(int, seq)) for seq in calibration] if calibration else []
+        if hparams.gate == "span":
+            if not self.calibration:
+                raise ValueError("the span gate needs held-back general text to calibrate on (calibration)")
+            for l, s in self.layers.items():
+                if s.c0 is None:
+                    raise ValueError(f"the span gate needs C0 for layer {l}")
+                if s.span is None:
+                    s.span = span_gate(s.c0, s.c_accu, hparams.mom2_update_weight)
         self._hooks: HookLayers | None = None
 
     # ------------------------------------------------------------------ creation
@@ -111,8 +127,10 @@ class Editor:
         c0, provenance = load_or_compute_stats(
             model, tokenizer, layout, hp.layers, corpus, hp.mom2_n_tokens, hp.mom2_dtype, model_fp=fp, progress=progress
         )
+        calibration = (calibration_sample(model, tokenizer, corpus, hp.gate_calibration_tokens, hp.mom2_n_tokens)
+                       if hp.gate == "span" else None)
         return cls.from_statistics(model, tokenizer, hp, c0, stats_provenance=provenance, model_fingerprint=fp,
-                                   progress=progress)
+                                   calibration=calibration, progress=progress)
 
     @classmethod
     def from_statistics(
@@ -125,6 +143,7 @@ class Editor:
         templates: Sequence[str] | None = None,
         stats_provenance: Mapping[str, Any] | None = None,
         model_fingerprint: str | None = None,
+        calibration: Sequence[Sequence[int]] | None = None,
         progress: bool = True,
     ) -> "Editor":
         """A fresh editor from precomputed C0 per layer (and, optionally, context templates).
@@ -132,6 +151,8 @@ class Editor:
         What `create` does after loading the statistics; lets a harness build
         many fresh editors (single-round evaluation) from one set of statistics
         and templates. The templates must come from this unedited model.
+        `calibration` (token ids of held-back general text) is what the span
+        gate calibrates on; without it, text sampled from the model is used.
         """
         hp = hparams
         layout = detect_layout(model)
@@ -140,18 +161,26 @@ class Editor:
         layers = {}
         for layer in hp.layers:
             w0 = mlp_out_weight(model, layout, layer)
+            # The span gate keeps C0 in the statistics' own precision, and C_accu starts from that very
+            # C0, so that C_accu − λC0 is exactly Σ K Kᵀ.
+            base = c0[layer].to(device=w0.device, dtype=getattr(torch, hp.mom2_dtype)) if hp.gate == "span" else None
             layers[layer] = LayerState(
                 delta=torch.zeros(w0.shape, dtype=torch.float32, device=w0.device),
-                c_accu=hp.mom2_update_weight * c0[layer].to(device=w0.device, dtype=torch.float64),
-                alpha=float(hp.alpha),
+                c_accu=hp.mom2_update_weight * (base if base is not None else c0[layer]).to(w0.device, torch.float64),
+                alpha=float(hp.gate_alpha0 if hp.gate == "span" else hp.alpha),
+                c0=base,
             )
         templates = list(templates) if templates is not None else context_templates(model, tokenizer, hp)
+        if hp.gate == "span" and not calibration:
+            log.info("gate calibration text: sampled from the model (no statistics corpus given)")
+            calibration = calibration_sample(model, tokenizer, samples_corpus(hp.seed), hp.gate_calibration_tokens, 0)
         return cls(model, tokenizer, hp, layers, templates, model_fingerprint=fp,
-                   stats_provenance=stats_provenance, progress=progress)
+                   stats_provenance=stats_provenance, calibration=calibration if hp.gate == "span" else None,
+                   progress=progress)
 
     # ------------------------------------------------------------------ applying the edits
     def hook_weights(self, gated: bool = True) -> dict[int, HookWeights]:
-        return {l: HookWeights(s.delta, s.alpha, gated) for l, s in self.layers.items()}
+        return {l: HookWeights(s.delta, s.alpha, gated, s.span) for l, s in self.layers.items()}
 
     def attach(self) -> "Editor":
         """Make the model answer as edited (validated hooks); the weights stay untouched."""
@@ -163,6 +192,11 @@ class Editor:
         if self._hooks is not None:
             self._hooks.remove()
             self._hooks = None
+
+    @property
+    def hooks(self) -> HookLayers | None:
+        """The attached hook layers (None when detached)."""
+        return self._hooks
 
     @property
     def attached(self) -> bool:
@@ -206,22 +240,30 @@ class Editor:
                 for l, s in new.items():
                     hooks.set(l, HookWeights(s.delta, s.alpha, gated=False))
 
-                def apply(layer: int, delta: torch.Tensor) -> None:
+                def apply(layer: int, delta: torch.Tensor, keys: torch.Tensor) -> None:
                     state = new[layer]
                     state.delta = state.delta + delta.to(state.delta)
-                    hooks.set(layer, HookWeights(state.delta, state.alpha, gated=True))
+                    state.c_accu = accumulate_keys(state.c_accu, keys)
+                    if state.c0 is not None:
+                        state.span = span_gate(state.c0, state.c_accu, hp.mom2_update_weight)
+                    # validated from here on, with the previous batch's α (as the reference)
+                    hooks.set(layer, HookWeights(state.delta, state.alpha, True, state.span))
 
-                keys = write_layers(
+                write_layers(
                     self.model, self.tokenizer, self.layout, batch, hp.layers, self.templates, z,
                     solve=lambda l, R, K: solve_update(R, K, new[l].c_accu), apply=apply,
                 )
-            for l, K in keys.items():
-                new[l].c_accu = accumulate_keys(new[l].c_accu, K)
-            # 3. adapt α on the unedited model's keys of the batch's bare prompts
-            scores = batch_gate_maxima(self.model, self.tokenizer, self.layout, [r.text for r in batch],
-                                       {l: s.delta for l, s in new.items()})
-            for l, s in new.items():
-                s.alpha = adapt_alpha(s.alpha, scores[l])
+                # 3. α: span gate — calibrated on held-back general text under the new hooks;
+                if hp.gate == "span":
+                    alphas = self._calibrate(hooks, batch)
+                    for l, a in alphas.items():
+                        new[l].alpha = a
+            if hp.gate == "reference":
+                # reference — adapted on the unedited model's keys of the batch's bare prompts
+                scores = batch_gate_maxima(self.model, self.tokenizer, self.layout, [r.text for r in batch],
+                                           {l: s.delta for l, s in new.items()})
+                for l, s in new.items():
+                    s.alpha = adapt_alpha(s.alpha, scores[l])
         except BaseException:
             if was_attached:
                 self.attach()
@@ -236,6 +278,23 @@ class Editor:
                 "alpha": {l: s.alpha for l, s in self.layers.items()}}
         log.info("batch %d: %d edits in %.1f s, alpha %s", self.n_batches, len(batch), seconds, info["alpha"])
         return info
+
+    @torch.no_grad()
+    def _calibrate(self, hooks: HookLayers, batch: Sequence[Request]) -> dict[int, float]:
+        """The span gate's α per layer: one pass over the held-back general text and the batch's bare prompts."""
+        hp = self.hparams
+        prompts = [encode_prompt(self.tokenizer, r.text) for r in batch]
+        subjects = [(len(self.calibration) + i, subject_last_index(self.tokenizer, r.prompt, r.subject))
+                    for i, r in enumerate(batch)]
+        ids, mask = pad_batch(self.calibration + prompts, self.tokenizer.pad_token_id, model_device(self.model))
+        last = self.layout.mlp_out_name(max(self.layers))
+
+        def run() -> None:
+            with trace(self.model, [last], stop_after=last):
+                self.model(input_ids=ids, attention_mask=mask)
+
+        return hooks.calibrate(run, lambda z: span_threshold(z, len(self.calibration), subjects, hp.gate_false_open,
+                                                             hp.gate_false_open_max))
 
     def edit_batches(self, requests: Sequence[Mapping[str, Any] | Request], batch_size: int | None = None) -> list[dict]:
         """Consecutive batches of `batch_size` (validated all together before the first)."""
@@ -280,6 +339,12 @@ class Editor:
         for l, s in self.layers.items():
             tensors[f"delta.{l}"] = s.delta.detach().cpu().contiguous()
             tensors[f"c_accu.{l}"] = s.c_accu.detach().cpu().contiguous()
+            if s.c0 is not None:
+                tensors[f"c0.{l}"] = s.c0.detach().cpu().contiguous()
+        if self.calibration:
+            ids, mask = pad_batch(self.calibration, 0)
+            tensors["calibration.ids"] = ids
+            tensors["calibration.lengths"] = mask.sum(1)
         atomic_save_tensors(directory / tensor_file, tensors)
         atomic_write_text(directory / CONFIG_FILE, json.dumps(self.config(tensor_file), indent=2))
         for old in directory.glob("state-*.safetensors"):
@@ -301,7 +366,8 @@ class Editor:
                 f"{getattr(model, 'name_or_path', '?')!r} has fingerprint {fp}: load the state onto the model it was made for, "
                 "in the dtype it was made in"
             )
-        hp = HParams.from_dict(config["hparams"])
+        # States saved before the span gate existed used the reference gate.
+        hp = HParams.from_dict({"gate": "reference", **config["hparams"]})
         tensors = load_file(str(directory / config["tensors"]))
         layout = detect_layout(model)
         layers = {}
@@ -313,11 +379,21 @@ class Editor:
                 raise StateError(f"editor state in {directory} lacks tensor {err}") from None
             if tuple(delta.shape) != tuple(w0.shape) or c_accu.shape != (w0.shape[1], w0.shape[1]):
                 raise StateError(f"editor state in {directory}: layer {l} tensors do not match the model's shapes")
+            c0 = tensors.get(f"c0.{l}")
+            if hp.gate == "span" and (c0 is None or c0.shape != c_accu.shape):
+                raise StateError(f"editor state in {directory} lacks the span gate's C0 of layer {l}")
             layers[l] = LayerState(delta.to(w0.device, torch.float32), c_accu.to(w0.device, torch.float64),
-                                   float(config["alpha"][str(l)]))
+                                   float(config["alpha"][str(l)]),
+                                   c0=c0.to(w0.device) if hp.gate == "span" else None)
+        calibration = None
+        if hp.gate == "span":
+            if "calibration.ids" not in tensors:
+                raise StateError(f"editor state in {directory} lacks the span gate's calibration text")
+            ids, lengths = tensors["calibration.ids"], tensors["calibration.lengths"]
+            calibration = [row[: int(n)].tolist() for row, n in zip(ids, lengths)]
         return cls(model, tokenizer, hp, layers, config["context_templates"], model_fingerprint=fp,
                    stats_provenance=config.get("statistics"), n_batches=int(config["n_batches"]),
-                   n_edits=int(config["n_edits"]), progress=progress)
+                   n_edits=int(config["n_edits"]), calibration=calibration, progress=progress)
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:

@@ -68,11 +68,13 @@ from . import metrics as M
 from .baselines import AlphaEditEditor, WeightEditor, make_baseline
 from .compute import context_templates
 from .editor import Editor
+from .diagnostics import TextSample, gate_report, general_text_sample, text_pass
 from .files import atomic_save_tensors, atomic_write_text
+from .hooks import HookLayers
 from .hparams import HParams
 from .models import detect_layout, fingerprint
 from .requests import Request, make_requests
-from .stats import Corpus, load_or_compute_stats
+from .stats import Corpus, calibration_sample, load_or_compute_stats
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ CF_SCORES = ("efficacy_score", "paraphrase_score", "neighborhood_score")
 GENERATION = ("reliability_generation", "generality_generation")
 FLUENCY = "fluency"
 TEACHER_FORCED = CORE + CF_SCORES
+DIAGNOSTICS = ("perplexity", "false_open_", "edit_open_", "rephrase_open_")
 
 METHOD_NOTES = {
     "comeba": "COMEBA-HK: hook layers (W_0 untouched), C_accu = λ·C0 + Σ_past K Kᵀ, gate α adapted per batch",
@@ -112,6 +115,7 @@ class Settings:
     generation: bool = True  # exact match of greedy generation (reliability and generality)
     fluency_tokens: int = 100  # sampled tokens per fluency text (CounterFact only; 0 = no fluency)
     metric_batch_size: int = M.DEFAULT_BATCH_SIZE
+    diagnostics_text: str | None = None  # general text for the gate diagnostics (comeba.diagnostics); None: none
 
 
 # ============================================================================ metrics per record
@@ -269,15 +273,21 @@ def aggregate(per_record: Sequence[Mapping[str, float | None]]) -> dict[str, flo
 class _Method:
     """One editing method: edit a batch, evaluate under `applied()`, `reset()` to the original model."""
 
-    def __init__(self, name: str, model, tokenizer, hparams: HParams, c0, templates, provenance, model_fp):
+    def __init__(self, name: str, model, tokenizer, hparams: HParams, c0, templates, provenance, model_fp,
+                 calibration=None):
         self.name, self.model, self.tokenizer, self.hparams = name, model, tokenizer, hparams
         self.c0, self.templates, self.provenance, self.model_fp = c0, list(templates), provenance, model_fp
+        self.calibration = calibration
 
     def edit(self, batch: Sequence[Request]) -> dict[str, Any]:
         raise NotImplementedError
 
     def applied(self) -> ContextManager:
         return nullcontext()
+
+    def hook_layers(self) -> HookLayers | None:
+        """The attached hooks (inside `applied()`), for the gate diagnostics; None for weight editors."""
+        return None
 
     def reset(self) -> None:
         raise NotImplementedError
@@ -306,7 +316,7 @@ class _HookMethod(_Method):
     def _fresh(self) -> Editor:
         return Editor.from_statistics(self.model, self.tokenizer, self.hparams, self.c0, templates=self.templates,
                                       stats_provenance=self.provenance, model_fingerprint=self.model_fp,
-                                      progress=False)
+                                      calibration=self.calibration, progress=False)
 
     def edit(self, batch):
         info = self.editor.edit(batch)
@@ -314,6 +324,9 @@ class _HookMethod(_Method):
 
     def applied(self):
         return self.editor.applied()
+
+    def hook_layers(self):
+        return self.editor.hooks
 
     def reset(self):
         self.editor.detach()
@@ -323,7 +336,7 @@ class _HookMethod(_Method):
         self.editor.detach()
 
     def info(self):
-        return {"alpha": {str(l): s.alpha for l, s in self.editor.layers.items()}}
+        return {"gate": self.hparams.gate, "alpha": {str(l): s.alpha for l, s in self.editor.layers.items()}}
 
     def save(self, directory):
         self.editor.save(directory / STATE_DIR)
@@ -363,11 +376,12 @@ class _WeightMethod(_Method):
 
 
 def make_method(name: str, model, tokenizer, hparams: HParams, c0, templates, provenance=None,
-                model_fp: str | None = None) -> _Method:
+                model_fp: str | None = None, calibration=None) -> _Method:
     if name not in METHODS:
         raise EvalError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     cls = _HookMethod if name == "comeba" else _WeightMethod
-    return cls(name, model, tokenizer, hparams, c0, templates, provenance, model_fp or fingerprint(model))
+    return cls(name, model, tokenizer, hparams, c0, templates, provenance, model_fp or fingerprint(model),
+               calibration)
 
 
 # ============================================================================ the run
@@ -475,10 +489,16 @@ def evaluate(
         return {**json.loads((folder / SUMMARY_FILE).read_text()), "already_complete": True}
 
     templates = context_templates(model, tokenizer, hp)
+    sample: TextSample | None = None
+    if settings.diagnostics_text:
+        sample = general_text_sample(tokenizer, settings.diagnostics_text)
+        reference_ppl = float(text_pass(model, tokenizer, sample)["perplexity"])
     setup_seconds = time.perf_counter() - started
 
     # Before editing: the unedited model, once (and the locality reference).
-    pre_key = {"requests_digest": config["requests_digest"], "settings": config["settings"],
+    # The diagnostics text does not change the records' pre-edit values: runs with and without it share them.
+    pre_settings = {k: v for k, v in config["settings"].items() if k != "diagnostics_text"}
+    pre_key = {"requests_digest": config["requests_digest"], "settings": pre_settings,
                "model_fingerprint": model_fp}
     pre_path = folder / PRE_FILE if folder else None
     shared_path = Path(pre_cache) if pre_cache is not None else None
@@ -506,7 +526,10 @@ def evaluate(
     # Wall time counts from this call's start, plus what earlier sessions of a resumed run spent.
     clock0 = started - prog.seconds
 
-    runner = make_method(method, model, tokenizer, hp, c0, templates, provenance, model_fp)
+    calibration = None
+    if method == "comeba" and hp.gate == "span" and corpus is not None:
+        calibration = calibration_sample(model, tokenizer, corpus, hp.gate_calibration_tokens, hp.mom2_n_tokens)
+    runner = make_method(method, model, tokenizer, hp, c0, templates, provenance, model_fp, calibration)
     done_edits = batches[prog.batches_done - 1][1] if prog.batches_done else 0
     bar = tqdm(total=len(reqs), initial=done_edits, unit="edit", desc=f"{method} ({protocol})",
                disable=not progress, dynamic_ncols=True)
@@ -528,16 +551,20 @@ def evaluate(
                 # This batch's records, right after its edit; then back to the original model.
                 with runner.applied():
                     prog.post[lo:hi] = evaluate_requests(model, tokenizer, reqs[lo:hi], reference[lo:hi], settings)
+                    diagnostics = (gate_report(model, tokenizer, sample, runner.hook_layers(), reqs[lo:hi],
+                                               reference_ppl) if sample is not None and at_checkpoint else {})
                 runner.reset()
                 if at_checkpoint:
-                    point = aggregate(prog.post[:hi])
+                    point = {**aggregate(prog.post[:hi]), **diagnostics}
             elif at_checkpoint:
                 # All edits so far; generation and fluency only for the final values.
                 with runner.applied():
                     post = evaluate_requests(model, tokenizer, reqs[:hi], reference[:hi], settings, full=last)
+                    diagnostics = (gate_report(model, tokenizer, sample, runner.hook_layers(), reqs[:hi], reference_ppl)
+                                   if sample is not None else {})
                 if last:
                     prog.post = post
-                point = aggregate(post)
+                point = {**aggregate(post), **diagnostics}
             prog.eval_seconds += time.perf_counter() - t
             bar.update(hi - lo)
             if point is not None:
@@ -550,7 +577,7 @@ def evaluate(
                     if protocol == "consecutive":
                         runner.save(folder)
                     atomic_write_text(progress_path, _json(prog.to_dict()))
-        method_info = runner.info() if protocol == "consecutive" or method != "comeba" else {}
+        method_info = runner.info() if protocol == "consecutive" or method != "comeba" else {"gate": hp.gate}
     finally:
         bar.close()
         runner.close()
@@ -602,6 +629,9 @@ def _checkpoint(point: Mapping[str, float | None], n_edits: int, batches: int, s
     for k in TEACHER_FORCED:
         if k in point:
             entry[k] = None if point[k] is None else round(point[k], 3)
+    for k, v in point.items():  # gate diagnostics (already rounded)
+        if k.startswith(DIAGNOSTICS):
+            entry[k] = v
     entry["seconds"] = round(seconds, 2)
     return entry
 

@@ -15,6 +15,7 @@ IGNORED_KEYS = {
     "mlp_module_tmp", "attn_module_tmp", "ln_f_module", "lm_head_module", "model_parallel",
     "stats_dir", "max_length", "fp16", "mom2_adjustment", "v_loss_layer",
 }
+GATES = ("span", "reference")
 ALIASES = {"mom2_n_samples": "mom2_n_tokens", "threshold": "alpha", "init_alpha": "alpha"}
 
 
@@ -27,7 +28,13 @@ class HParams:
     """COMEBA-HK settings (EasyEdit names). Defaults are tuned for the embedded SmolLM2-135M.
 
     `mom2_update_weight` is λ in C_accu = λ·C0 + Σ KKᵀ with C0 normalised per
-    token; `alpha` is the initial gate threshold α₀.
+    token; `alpha` is the initial gate threshold α₀. `gate` picks the gate
+    (comeba.hooks): ``span`` (default; α calibrated after every batch so the
+    gate opens on a share `gate_false_open` of held-back general text,
+    `gate_calibration_tokens` of it, lowered where the batch's own subjects
+    need it down to a share `gate_false_open_max`; `gate_alpha0` before the
+    first calibration) or ``reference`` (the authors' z-score rule, α a running
+    minimum from `alpha`).
     """
 
     layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
@@ -43,6 +50,11 @@ class HParams:
     mom2_n_tokens: int = 100_000
     mom2_dtype: str = "float32"
     alpha: float = 2.2
+    gate: str = "span"
+    gate_false_open: float = 1e-3
+    gate_false_open_max: float = 5e-3
+    gate_calibration_tokens: int = 4096
+    gate_alpha0: float = 0.1
     context_template_length: int = 10
     context_template_prefixes: list[str] = field(
         default_factory=lambda: ["The", "Therefore", "Because", "I", "You"]
@@ -78,6 +90,16 @@ class HParams:
             raise HParamsError(f"nullspace_threshold must be positive (or null), got {self.nullspace_threshold!r}")
         if not self.L2 > 0:
             raise HParamsError(f"L2 must be positive, got {self.L2!r}")
+        if self.gate not in GATES:
+            raise HParamsError(f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
+        if not 0 < self.gate_false_open < 1:
+            raise HParamsError(f"gate_false_open must be in (0, 1), got {self.gate_false_open!r}")
+        if not self.gate_false_open <= self.gate_false_open_max < 1:
+            raise HParamsError(f"gate_false_open_max must be in [gate_false_open, 1), got {self.gate_false_open_max!r}")
+        if not 0 < self.gate_alpha0 < 1:
+            raise HParamsError(f"gate_alpha0 must be in (0, 1), got {self.gate_alpha0!r}")
+        if not isinstance(self.gate_calibration_tokens, int) or self.gate_calibration_tokens < 16:
+            raise HParamsError(f"gate_calibration_tokens must be an integer >= 16, got {self.gate_calibration_tokens!r}")
         if self.mom2_dtype not in ("float32", "float64"):
             raise HParamsError(f"mom2_dtype must be float32 or float64, got {self.mom2_dtype!r}")
 

@@ -185,6 +185,48 @@ def _token_batches(corpus: Corpus, model, tokenizer, batch_size: int) -> Iterato
         yield batch
 
 
+def calibration_sample(
+    model, tokenizer, corpus: Corpus, n_tokens: int, skip_tokens: int, seq_len: int = 128, batch_size: int = 16
+) -> list[list[int]]:
+    """Held-back general text for calibrating the gate: `n_tokens` tokens in sequences of ≤ `seq_len`.
+
+    Taken from the corpus after the batches that the statistics of
+    `skip_tokens` tokens consumed (the same batching as
+    `compute_second_moments`), so the gate is calibrated on text its C0 has
+    not seen. The model's own samples are drawn with another seed. A corpus
+    too short for both starts again from its beginning (with a warning).
+    """
+    if corpus.kind == "samples":
+        corpus = samples_corpus(int(corpus.dataset or 0) + 7919)
+        skip_tokens = 0
+    out: list[list[int]] = []
+    total = 0
+    for attempt in range(2):
+        seen = 0
+        for seqs in _token_batches(corpus, model, tokenizer, batch_size):
+            if seen < skip_tokens:
+                seen += sum(len(s) for s in seqs)
+                continue
+            for seq in seqs:
+                piece = seq[:seq_len]
+                if len(piece) < 2:
+                    continue
+                out.append(piece[: n_tokens - total])
+                total += len(out[-1])
+                if total >= n_tokens:
+                    return out
+        if attempt == 0 and skip_tokens:
+            log.warning("statistics corpus (%s) holds too little text beyond its first %d tokens to hold back "
+                        "%d for the gate's calibration; reusing its beginning", corpus.describe, skip_tokens, n_tokens)
+            skip_tokens = 0
+        else:
+            break
+    if not out:
+        raise ValueError(f"corpus ({corpus.describe}) yielded no text to calibrate the gate on")
+    log.warning("gate calibration: only %d of %d tokens of general text available", total, n_tokens)
+    return out
+
+
 # --------------------------------------------------------------------------- computation
 
 

@@ -1,0 +1,683 @@
+"""The span gate (comeba.hooks), its calibration in the editor, and the gate diagnostics (comeba.diagnostics)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from comeba.diagnostics import TextSample, gate_report, general_text_sample, subject_open_rates, text_pass
+from comeba.editor import CONFIG_FILE, Editor, StateError
+from comeba.evaluate import Settings, evaluate
+from comeba.hooks import HookLayers, HookWeights, SpanGate, calibrated_threshold, span_gate, span_scores
+from comeba.hparams import HParams
+from comeba.models import cache_kwarg, detect_layout
+from comeba.requests import make_requests
+from comeba.stats import text_corpus
+from comeba.text import pad_batch
+from test_editor import HP, R1, R2, R3, UNRELATED, _logits, _p_first
+
+pytestmark = pytest.mark.usefixtures("one_thread", "shared_comeba_home")
+
+F64 = torch.float64
+
+
+# ============================================================================ the score, by hand
+
+
+def _spd(d: int, seed: int) -> torch.Tensor:
+    """A random SPD second moment with a spread of scales (condition number ~1e3), float64."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, 4 * d, generator=g, dtype=F64) * torch.logspace(-1.5, 0, d, dtype=F64)[:, None]
+    return a @ a.T / (4 * d) + 1e-4 * torch.eye(d, dtype=F64)
+
+
+def _by_hand(k: torch.Tensor, c0: torch.Tensor, c_accu: torch.Tensor, lam: float) -> torch.Tensor:
+    """kᵀ G k / kᵀ (λC0)⁻¹ k with G = (λC0)⁻¹ − C_accu⁻¹, all float64 (explicit inverses: fine for a test)."""
+    a0_inv = torch.linalg.inv(lam * c0)
+    g = a0_inv - torch.linalg.inv(c_accu)
+    k = k.to(F64)
+    return torch.einsum("nd,de,ne->n", k, g, k) / torch.einsum("nd,de,ne->n", k, a0_inv, k)
+
+
+def _keys(c0: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """n keys drawn with second moment C0 (as general text's keys would be), float64."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c0.shape[0], generator=g, dtype=F64) @ torch.linalg.cholesky(c0).T
+
+
+@pytest.mark.parametrize("n_edits", [1, 3, 10])
+def test_span_scores_match_the_direct_computation(n_edits):
+    d, lam = 16, 20.0
+    c0 = _spd(d, 0)
+    edits = _keys(c0, n_edits, 1)
+    c_accu = lam * c0 + edits.T @ edits
+    gate = span_gate(c0.float(), c_accu, lam)  # as the editor keeps them: C0 float32, C_accu float64
+    assert gate.whiten.dtype == torch.float32 and gate.span.dtype == torch.float32
+    probe = torch.cat([_keys(c0, 50, 2), edits])
+    got = span_scores(probe.float(), gate)
+    assert got.dtype == torch.float32 and got.shape == (len(probe),)
+    want = _by_hand(probe, c0.float().double(), c_accu, lam)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    assert (got >= -1e-6).all() and (got < 1).all()
+    # the score ignores the key's norm, and a batch dimension
+    torch.testing.assert_close(span_scores(7.5 * probe.float(), gate), got, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(span_scores(probe[:50].float().reshape(2, 25, d), gate).reshape(-1), got[:50])
+
+
+def test_an_edited_key_scores_high_and_an_orthogonal_one_zero():
+    d, lam = 16, 20.0
+    c0 = _spd(d, 3)
+    a0 = lam * c0
+    # one edit: by Sherman-Morrison its own score is exactly g / (1 + g), g = kᵀ (λC0)⁻¹ k
+    [k] = _keys(c0, 1, 4) * 3
+    gate = span_gate(c0, a0 + torch.outer(k, k), lam)
+    g = float(k @ torch.linalg.solve(a0, k))
+    assert g > 1
+    assert float(span_scores(k[None].float(), gate)) == pytest.approx(g / (1 + g), rel=1e-4)
+
+    # several edits: H = I − (I + S)⁻¹ is monotone in S, so each edited key scores at least g/(1+g)
+    edits = _keys(c0, 4, 5) * 3
+    gate = span_gate(c0, a0 + edits.T @ edits, lam)
+    scores = span_scores(edits.float(), gate).double()
+    gs = torch.einsum("nd,nd->n", edits, torch.linalg.solve(a0, edits.T).T)
+    assert (scores >= gs / (1 + gs) - 1e-5).all() and (scores > 0.5).all()
+
+    # a key orthogonal to the edited keys in whitened coordinates (w = L⁻¹k, λC0 = L Lᵀ) scores 0
+    chol = torch.linalg.cholesky(a0)
+    w_edits = torch.linalg.solve_triangular(chol, edits.T, upper=False)  # d × n
+    v = torch.randn(d, generator=torch.Generator().manual_seed(6), dtype=F64)
+    v = v - w_edits @ torch.linalg.lstsq(w_edits, v[:, None]).solution[:, 0]
+    assert (w_edits.T @ v).abs().max() < 1e-10
+    k_orth = chol @ v
+    assert abs(float(span_scores(k_orth[None].float(), gate))) < 1e-4
+    # and random general-text keys mostly score low
+    assert span_scores(_keys(c0, 200, 7).float(), gate).median() < 0.3
+
+
+def test_no_accumulated_keys_scores_zero():
+    d, lam = 16, 20.0
+    c0 = _spd(d, 8).float()  # C_accu = λ·C0 exactly as the editor starts (float64 copy of the float32 C0)
+    gate = span_gate(c0, lam * c0.to(F64), lam)
+    assert torch.equal(gate.span, torch.zeros(d, d))
+    scores = span_scores(_keys(c0.double(), 30, 9).float(), gate)
+    assert torch.equal(scores, torch.zeros(30))
+
+
+def test_span_gate_moves_with_its_device_and_keeps_float32():
+    gate = span_gate(_spd(8, 10), 3 * _spd(8, 10), 1.0)
+    moved = gate.to("cpu")
+    assert isinstance(moved, SpanGate) and moved.whiten.dtype == torch.float32
+    assert torch.equal(moved.whiten, gate.whiten) and torch.equal(moved.span, gate.span)
+
+
+# ============================================================================ the calibrated threshold
+
+
+def test_calibrated_threshold_opens_on_a_share_eps():
+    n, eps = 10_000, 1e-3
+    scores = torch.randperm(n).float() / n  # known sample: 0, 1/n, ..., (n−1)/n
+    t = calibrated_threshold(scores.reshape(40, -1), eps)  # any shape
+    assert int((scores.double() >= t).sum()) == round(eps * n)
+    g = torch.Generator().manual_seed(0)
+    for eps in (1e-3, 1e-2, 0.2):
+        sample = torch.rand(50_000, generator=g) ** 3
+        t = calibrated_threshold(sample, eps)
+        assert abs(float((sample.double() >= t).double().mean()) - eps) <= 2 / len(sample)
+
+
+def test_calibrated_threshold_ignores_non_finite_scores():
+    scores = torch.linspace(0, 1, 1001)
+    with_nan = torch.cat([scores, torch.full((500,), math.nan), torch.tensor([math.inf, -math.inf])])
+    assert calibrated_threshold(with_nan, 0.01) == calibrated_threshold(scores, 0.01)
+    with pytest.raises(ValueError, match="no finite"):
+        calibrated_threshold(torch.full((3, 4), math.nan), 0.01)
+
+
+# ============================================================================ hook layers with a span gate
+
+LAYERS = (1, 2)
+LAM = 10.0
+TEXTS = [
+    "The city of Paris is the capital of France and its largest city",
+    "The team played football",
+    "Because the weather was cold, they stayed",
+]
+
+
+def _general_ids(tokenizer) -> list[list[int]]:
+    """About 2k tokens of general text (more than the 128 key dimensions), ≤ 60 tokens a sequence."""
+    from tiny import _training_lines
+
+    return [tokenizer(line).input_ids[:60] for line in _training_lines(60)[:40]]
+
+
+@torch.no_grad()
+def _layer_keys(model, tokenizer, texts, layers=LAYERS) -> dict[int, list[torch.Tensor]]:
+    """Per layer, each text's (a string or token ids) keys (T × d_in) in the model as it runs."""
+    layout = detect_layout(model)
+    keys = {l: [] for l in layers}
+    handles = [model.get_submodule(layout.mlp_out_name(l)).register_forward_hook(
+        lambda m, a, o, l=l: keys[l].append(a[0][0].detach().clone())) for l in layers]
+    try:
+        for t in texts:
+            model(input_ids=torch.tensor([tokenizer(t).input_ids if isinstance(t, str) else t]))
+    finally:
+        for h in handles:
+            h.remove()
+    return keys
+
+
+def _span_hooks_weights(model, tokenizer, alpha, seed=0, scale=0.5) -> dict[int, HookWeights]:
+    """Span-gated hooks: C0 from general text's keys, 'edits' at two tokens of TEXTS[0] and one of TEXTS[2]."""
+    general = _layer_keys(model, tokenizer, _general_ids(tokenizer))
+    edited = _layer_keys(model, tokenizer, [TEXTS[0], TEXTS[2]])
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for l in LAYERS:
+        k = torch.cat(general[l]).double()
+        c0 = k.T @ k / len(k)
+        e = torch.stack([edited[l][0][5], edited[l][0][8], edited[l][1][3]]).double()
+        gate = span_gate(c0, LAM * c0 + e.T @ e, LAM)
+        delta = torch.randn(32, len(c0), generator=g) * scale  # d_out = hidden, d_in = 4·hidden
+        out[l] = HookWeights(delta, alpha, True, gate)
+    return out
+
+
+def _span_hooks(model, tokenizer, alpha, **kw) -> HookLayers:
+    return HookLayers(model, detect_layout(model), _span_hooks_weights(model, tokenizer, alpha, **kw))
+
+
+def test_records_hold_the_span_scores_and_the_gate(make_tiny, tokenizer):
+    model = make_tiny("llama")
+    batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    keys = _layer_keys(model, tokenizer, TEXTS, layers=[1])[1]
+    weights = _span_hooks_weights(model, tokenizer, 0.5)
+    weights[3] = HookWeights(torch.zeros(32, 128), 0.5, gated=False)  # a temporary hook: nothing to record
+    with HookLayers(model, detect_layout(model), weights) as hooks, torch.no_grad():
+        assert hooks.records is None
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        assert hooks.records is None  # off unless asked for
+        hooks.record(True)
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        records = hooks.records
+        assert set(records) == set(LAYERS)
+        for l, rec in records.items():
+            assert rec.alpha == 0.5 and rec.gate.shape == rec.scores.shape == batch.input_ids.shape
+            real = batch.attention_mask.bool()
+            assert torch.isnan(rec.scores[~real]).all() and not rec.gate[~real].any()
+            assert torch.equal(rec.gate, torch.nan_to_num(rec.scores, nan=-1.0) >= 0.5)
+        # the first hooked layer's keys do not depend on the hooks: its scores are the span scores by hand
+        for i, k in enumerate(keys):
+            torch.testing.assert_close(records[1].scores[i, : len(k)], span_scores(k, weights[1].span))
+        gate1 = records[1].gate
+        assert gate1[0, 5] and gate1[0, 8] and gate1[2, 3], "the edited keys did not open the gate"
+        assert gate1.sum() < batch.attention_mask.sum() / 2, "the gate opened almost everywhere"
+        hooks.record(False)
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        assert hooks.records is None
+
+
+def test_padded_batch_gates_like_each_sequence_alone(make_tiny, tokenizer):
+    model = make_tiny("llama")
+    batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    assert not batch.attention_mask.bool().all()  # there is padding
+    with _span_hooks(model, tokenizer, 0.5) as hooks, torch.no_grad():
+        hooks.record(True)
+        together = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        gates = {l: r.gate.clone() for l, r in hooks.records.items()}
+        for i, t in enumerate(TEXTS):
+            single = model(input_ids=tokenizer([t], return_tensors="pt").input_ids).logits[0]
+            n = len(single)
+            for l in LAYERS:
+                assert torch.equal(hooks.records[l].gate[0], gates[l][i, :n]), (t, l)
+                assert not gates[l][i, n:].any()
+            torch.testing.assert_close(together[i, :n], single, rtol=1e-4, atol=1e-5)
+    assert any(g.any() for g in gates.values()) and not all(g[batch.attention_mask.bool()].all()
+                                                          for g in gates.values())
+
+
+def _generate(model, ids, use_cache, n=8, **kw):
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                             min_new_tokens=n, use_cache=use_cache, output_scores=True,
+                             return_dict_in_generate=True, **kw)
+    return out.sequences, torch.stack(out.scores)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_generation_with_and_without_cache_agree(make_tiny, tokenizer, arch):
+    """A span gate depends on a token's key alone: a KV cache changes no decision, not even after the first token."""
+    model = make_tiny(arch)
+    ids = tokenizer(TEXTS[0], return_tensors="pt").input_ids
+    base, base_scores = _generate(model, ids, True)
+    with _span_hooks(model, tokenizer, 0.5) as hooks:
+        cached, cached_scores = _generate(model, ids, True)
+        uncached, uncached_scores = _generate(model, ids, False)
+        # the decisions of a cached loop, token by token, against one full pass over the result
+        hooks.record(True)
+        with torch.no_grad():
+            model(input_ids=cached)
+            full = {l: r.gate[0].clone() for l, r in hooks.records.items()}
+            out = model(input_ids=ids, use_cache=True)
+            steps = {l: [r.gate[0].clone()] for l, r in hooks.records.items()}
+            for t in range(ids.shape[1], cached.shape[1]):
+                cache = getattr(out, "cache", None) or out.past_key_values
+                out = model(input_ids=cached[:, t : t + 1], attention_mask=torch.ones(1, t + 1, dtype=torch.long),
+                            use_cache=True, **{cache_kwarg(model): cache})
+                for l, r in hooks.records.items():
+                    assert r.gate.shape == (1, 1)
+                    steps[l].append(r.gate[0].clone())
+        hooks.record(False)
+    assert torch.equal(cached, uncached)
+    torch.testing.assert_close(cached_scores, uncached_scores, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(cached_scores, base_scores), "the gate never opened"
+    for l in LAYERS:
+        assert torch.equal(torch.cat(steps[l]), full[l]), f"layer {l}"
+    assert full[1].any() and not full[1].all()
+
+
+def test_beam_search_with_span_gate(make_tiny, tokenizer):
+    model = make_tiny("llama")
+    ids = tokenizer(TEXTS[2], return_tensors="pt").input_ids
+    beams = dict(num_beams=3, num_return_sequences=2, early_stopping=False)
+    base, _ = _generate(model, ids, True, n=6, **beams)
+    with _span_hooks(model, tokenizer, 1e9):  # shut: exactly the base model
+        shut, _ = _generate(model, ids, True, n=6, **beams)
+    with _span_hooks(model, tokenizer, 0.5) as hooks:
+        hooks.record(True)
+        cached, cached_scores = _generate(model, ids, True, n=6, **beams)
+        assert all(r.gate.shape[0] == 3 for r in hooks.records.values())  # one row per beam
+        hooks.record(False)
+        uncached, uncached_scores = _generate(model, ids, False, n=6, **beams)
+    assert torch.equal(shut, base)
+    assert cached.shape == (2, ids.shape[1] + 6)
+    assert torch.equal(cached, uncached)
+    torch.testing.assert_close(cached_scores, uncached_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_calibrate_sets_each_layer_to_its_quantile(make_tiny, tokenizer):
+    model = make_tiny("llama")
+    ids, mask = pad_batch(_general_ids(tokenizer)[:20] + [tokenizer(t).input_ids for t in TEXTS],
+                          tokenizer.pad_token_id)
+    eps = 0.05
+    weights = _span_hooks_weights(model, tokenizer, 0.9)
+    weights[0] = HookWeights(torch.randn(32, 128) * 0.1, 1.7, True)  # a reference-gated layer: left alone
+    with HookLayers(model, detect_layout(model), weights) as hooks, torch.no_grad():
+        run = lambda: model(input_ids=ids, attention_mask=mask)  # noqa: E731
+        alphas = hooks.calibrate(run, lambda z: calibrated_threshold(z, eps))
+        assert set(alphas) == set(LAYERS) and hooks.records is None
+        assert hooks.weights[0].alpha == 1.7
+        for l in LAYERS:
+            assert hooks.weights[l].alpha == alphas[l] and 0 < alphas[l] < 1
+        # the same pass again, α fixed: each layer opens on the same share of that text's tokens
+        hooks.record(True)
+        run()
+        real = mask.bool()
+        n = int(real.sum())
+        for l in LAYERS:
+            rec = hooks.records[l]
+            assert alphas[l] == pytest.approx(calibrated_threshold(rec.scores[real], eps), rel=1e-6, abs=1e-7)
+            opened = int(rec.gate[real].sum())
+            assert abs(opened - eps * n) <= 2, (l, opened, n)
+        hooks.record(False)
+        with pytest.raises(RuntimeError, match="did not reach layer"):
+            hooks.calibrate(lambda: None, lambda z: calibrated_threshold(z, eps))
+    with pytest.raises(ValueError, match="alpha=None"):
+        HookLayers(model, detect_layout(model), {1: HookWeights(torch.zeros(32, 128), None, True)})
+
+
+# ============================================================================ the editor with the span gate
+
+
+@pytest.fixture
+def new_editor(make_tiny, tokenizer, corpus_file):
+    """new_editor(arch, seed=0, **hparams) -> a fresh Editor on a fresh tiny model (test_editor's settings)."""
+
+    def _make(arch: str = "llama", seed: int = 0, **changes) -> Editor:
+        model = make_tiny(arch, seed=seed)
+        return Editor.create(model, tokenizer, HParams(**{**HP, **changes}), corpus=text_corpus([corpus_file]),
+                             progress=False)
+
+    return _make
+
+
+def _calibration_sample(editor) -> TextSample:
+    return TextSample(tuple(tuple(s) for s in editor.calibration), "calibration text")
+
+
+def test_span_editor_edits_take_and_opens_on_a_share_eps_of_its_calibration_text(new_editor, tokenizer):
+    editor = new_editor("llama")
+    hp = editor.hparams
+    assert hp.gate == "span"
+    n_cal = sum(len(s) for s in editor.calibration)
+    assert 0.9 * hp.gate_calibration_tokens <= n_cal <= hp.gate_calibration_tokens
+    model = editor.model
+    before = {id(r): _p_first(model, tokenizer, r) for r in (R1, R2)}
+    editor.edit([R1])
+    editor.edit([R2])
+    with editor.applied():
+        for r in (R1, R2):
+            assert _p_first(model, tokenizer, r) > 1.2 * before[id(r)], r["prompt"]
+        hooks = editor.hooks
+        # the calibration text opens each gate on a share ε of its tokens (to a token or two)
+        text = text_pass(model, tokenizer, _calibration_sample(editor), hooks)
+        assert text["tokens"] == n_cal
+        for l in editor.layers:
+            opened = text["open"][l] * n_cal / 100
+            assert abs(opened - hp.gate_false_open * n_cal) <= 3, (l, opened)
+        # and α is exactly the (1 − ε) quantile of the scores of the pass the editor calibrates with
+        ids, mask = pad_batch(editor.calibration, tokenizer.pad_token_id)
+        hooks.record(True)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        for l, s in editor.layers.items():
+            want = calibrated_threshold(hooks.records[l].scores[mask.bool()], hp.gate_false_open)
+            assert s.alpha == pytest.approx(want, rel=1e-6, abs=1e-7)
+        hooks.record(False)
+        # where edits must act, the gate opens: the edited subjects' last tokens
+        rates = subject_open_rates(model, tokenizer, hooks, make_requests([R1, R2]))
+        assert rates["edit"] == {l: 100.0 for l in editor.layers}
+
+
+def _assert_same_states(a: Editor, b: Editor) -> None:
+    assert set(a.layers) == set(b.layers)
+    for l, s in a.layers.items():
+        t = b.layers[l]
+        assert t.alpha == s.alpha, f"layer {l}: alpha"
+        for name in ("delta", "c_accu", "c0"):
+            x, y = getattr(s, name), getattr(t, name)
+            assert (x is None) == (y is None), name
+            if x is not None:
+                assert x.dtype == y.dtype and torch.equal(x, y), f"layer {l}: {name}"
+        assert (s.span is None) == (t.span is None)
+        if s.span is not None:
+            assert torch.equal(s.span.whiten, t.span.whiten) and torch.equal(s.span.span, t.span.span), f"layer {l}"
+
+
+def test_span_state_save_load_resume(new_editor, make_tiny, tokenizer, tmp_path):
+    editor = new_editor("llama")
+    editor.edit([R1])
+    editor.edit([R2])
+    editor.save(tmp_path / "state")
+    config = json.loads((tmp_path / "state" / CONFIG_FILE).read_text())
+    assert config["hparams"]["gate"] == "span"
+    tensors = load_file(str(tmp_path / "state" / config["tensors"]))
+    assert {"calibration.ids", "calibration.lengths"} <= set(tensors)
+    assert {f"c0.{l}" for l in editor.layers} <= set(tensors)
+
+    fresh = make_tiny("llama")
+    loaded = Editor.load(tmp_path / "state", fresh, tokenizer, progress=False)
+    assert loaded.hparams == editor.hparams and loaded.calibration == editor.calibration
+    assert (loaded.n_batches, loaded.n_edits) == (2, 2)
+    _assert_same_states(editor, loaded)
+    texts = [R1["prompt"], R2["prompt"], UNRELATED[0]]
+    with editor.applied(), loaded.applied():
+        editor.hooks.record(True), loaded.hooks.record(True)
+        for t in texts:
+            assert torch.equal(_logits(fresh, tokenizer, t), _logits(editor.model, tokenizer, t)), t
+            for l in editor.layers:
+                assert torch.equal(loaded.hooks.records[l].gate, editor.hooks.records[l].gate)
+                torch.testing.assert_close(loaded.hooks.records[l].scores, editor.hooks.records[l].scores,
+                                           rtol=0, atol=0, equal_nan=True)
+
+    # it resumes: the next batch gives the same state on both
+    editor.edit([R3])
+    loaded.edit([R3])
+    assert loaded.n_batches == 3
+    for l, s in editor.layers.items():
+        torch.testing.assert_close(loaded.layers[l].delta, s.delta, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(loaded.layers[l].c_accu, s.c_accu)
+        assert loaded.layers[l].alpha == pytest.approx(s.alpha, rel=1e-4)
+        torch.testing.assert_close(loaded.layers[l].span.span, s.span.span, rtol=1e-4, atol=1e-6)
+
+
+def test_span_state_without_its_calibration_text_is_refused(new_editor, make_tiny, tokenizer, tmp_path):
+    editor = new_editor("llama")
+    editor.edit([R1])
+    editor.save(tmp_path / "state")
+    config = json.loads((tmp_path / "state" / CONFIG_FILE).read_text())
+    path = tmp_path / "state" / config["tensors"]
+    tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith("calibration.")}
+    save_file(tensors, str(path))
+    with pytest.raises(StateError, match="calibration"):
+        Editor.load(tmp_path / "state", make_tiny("llama"), tokenizer, progress=False)
+
+
+def test_reference_state_without_gate_key_loads_as_reference(new_editor, make_tiny, tokenizer, tmp_path):
+    """A state saved before the span gate existed (no gate keys in its hparams) keeps the reference rule."""
+    editor = new_editor("llama", gate="reference")
+    editor.edit([R1, R2])
+    editor.save(tmp_path / "state")
+    path = tmp_path / "state" / CONFIG_FILE
+    config = json.loads(path.read_text())
+    assert config["hparams"]["gate"] == "reference"
+    for key in ("gate", "gate_false_open", "gate_calibration_tokens", "gate_alpha0"):
+        del config["hparams"][key]
+    path.write_text(json.dumps(config))
+    tensors = load_file(str(tmp_path / "state" / config["tensors"]))
+    assert not any(k.startswith(("c0.", "calibration.")) for k in tensors)
+
+    fresh = make_tiny("llama")
+    loaded = Editor.load(tmp_path / "state", fresh, tokenizer, progress=False)
+    assert loaded.hparams.gate == "reference" and loaded.hparams == editor.hparams
+    assert loaded.calibration == []
+    _assert_same_states(editor, loaded)
+    assert all(s.c0 is None and s.span is None for s in loaded.layers.values())
+    with editor.applied(), loaded.applied():
+        assert all(w.span is None for w in loaded.hooks.weights.values())  # the z-score gate
+        for t in (R1["prompt"], UNRELATED[0], UNRELATED[5]):
+            assert torch.equal(_logits(fresh, tokenizer, t), _logits(editor.model, tokenizer, t)), t
+    # and it goes on with the reference rule: α a running minimum, the same on both
+    alphas = {l: s.alpha for l, s in loaded.layers.items()}
+    editor.edit([R3])
+    loaded.edit([R3])
+    for l, s in loaded.layers.items():
+        assert s.alpha <= alphas[l]
+        assert s.alpha == pytest.approx(editor.layers[l].alpha, rel=1e-5)
+        torch.testing.assert_close(s.delta, editor.layers[l].delta, rtol=1e-5, atol=1e-7)
+
+
+# ============================================================================ diagnostics
+
+
+@pytest.fixture(scope="module")
+def diagnostics_file(tmp_path_factory):
+    """General text for the diagnostics: a dozen paragraphs of 200+ characters (and a heading and a short line)."""
+    from tiny import _training_lines
+
+    long = [l for l in _training_lines(400) if len(l) >= 200 and not l.startswith("=")][:12]
+    assert len(long) >= 4
+    path = tmp_path_factory.mktemp("diag") / "general.txt"
+    path.write_text("= Heading that is skipped =\nshort line\n" + "\n".join(long) + "\n", encoding="utf-8")
+    return path
+
+
+@torch.no_grad()
+def _perplexity_by_hand(model, sample: TextSample) -> float:
+    nll, count = 0.0, 0
+    for seq in sample.ids:
+        ids = torch.tensor([seq], dtype=torch.long)
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+        nll -= float(logp.gather(-1, ids[0, 1:, None]).sum())
+        count += len(seq) - 1
+    return math.exp(nll / count)
+
+
+def test_general_text_sample(tokenizer, diagnostics_file):
+    sample = general_text_sample(tokenizer, diagnostics_file, n_sequences=5, seq_len=30)
+    assert len(sample.ids) == 5 and all(len(s) == 30 for s in sample.ids)
+    assert sample.n_tokens == 150 and "5 paragraphs" in sample.describe
+    with pytest.raises(FileNotFoundError):
+        general_text_sample(tokenizer, diagnostics_file.with_name("none.txt"))
+
+
+def test_text_pass_perplexity_by_hand(make_tiny, tokenizer, diagnostics_file):
+    model = make_tiny("llama")
+    sample = general_text_sample(tokenizer, diagnostics_file, n_sequences=6, seq_len=40)
+    # sequences of different lengths, so batches are padded
+    ragged = TextSample(tuple(s[: 12 + 5 * i] for i, s in enumerate(sample.ids)), "ragged")
+    for s in (sample, ragged):
+        got = text_pass(model, tokenizer, s, batch_size=4)
+        assert got["tokens"] == s.n_tokens and "open" not in got
+        assert got["perplexity"] == pytest.approx(_perplexity_by_hand(model, s), rel=1e-5)
+
+
+def test_huge_alpha_opens_nothing_and_keeps_the_perplexity(make_tiny, tokenizer, diagnostics_file):
+    model = make_tiny("llama")
+    sample = general_text_sample(tokenizer, diagnostics_file, n_sequences=8, seq_len=40)
+    plain = text_pass(model, tokenizer, sample, batch_size=3)
+    with _span_hooks(model, tokenizer, 1e9) as hooks:
+        shut = text_pass(model, tokenizer, sample, hooks, batch_size=3)
+        report = gate_report(model, tokenizer, sample, hooks, make_requests([R1, R2]), plain["perplexity"])
+        assert hooks.records is None  # recording is switched off again
+    assert shut["perplexity"] == plain["perplexity"]
+    assert shut["open"] == {l: 0.0 for l in LAYERS}
+    assert report["false_open_max"] == 0 and report["perplexity_ratio"] == 1.0
+    assert report["edit_open_min"] == 0
+    with _span_hooks(model, tokenizer, -1.0) as hooks:  # open everywhere: every real token, padding not
+        wide = text_pass(model, tokenizer, sample, hooks, batch_size=3)
+    assert wide["open"] == {l: 100.0 for l in LAYERS} and wide["perplexity"] != plain["perplexity"]
+
+
+def test_subject_open_rates(new_editor, tokenizer):
+    from comeba.text import subject_last_index
+
+    editor = new_editor("llama")
+    r1 = {**R1, "rephrase_prompt": ["Danielle Darrieux speaks", "The language of Danielle Darrieux is"]}
+    r2 = {**R2, "rephrase_prompt": "In France the capital is"}
+    requests = make_requests([r1, r2])
+    editor.edit(requests)
+    model = editor.model
+    with editor.applied():
+        hooks = editor.hooks
+
+        def set_alpha(alpha):
+            for l, s in editor.layers.items():
+                hooks.set(l, HookWeights(s.delta, alpha(l), True, s.span))
+
+        set_alpha(lambda l: 1e-9)
+        rates = subject_open_rates(model, tokenizer, hooks, requests)
+        assert rates == {"edit": {1: 100.0, 2: 100.0}, "rephrase": {1: 100.0, 2: 100.0}}
+        set_alpha(lambda l: 1e9)
+        rates = subject_open_rates(model, tokenizer, hooks, requests, batch_size=1)
+        assert rates == {"edit": {1: 0.0, 2: 0.0}, "rephrase": {1: 0.0, 2: 0.0}}
+        # α between the two subjects' scores at layer 1 (whose keys do not depend on the gates): 50 %
+        hooks.record(True)
+        scores = []
+        for r in requests:
+            _logits(model, tokenizer, r.text)
+            scores.append(float(hooks.records[1].scores[0, subject_last_index(tokenizer, r.prompt, r.subject)]))
+        hooks.record(False)
+        assert scores[0] != scores[1]
+        set_alpha(lambda l: sum(scores) / 2 if l == 1 else 1e9)
+        rates = subject_open_rates(model, tokenizer, hooks, requests)
+        assert rates["edit"] == {1: 50.0, 2: 0.0}
+    # no rephrasings: no "rephrase" entry
+    with editor.applied():
+        assert set(subject_open_rates(model, tokenizer, editor.hooks, make_requests([R1]))) == {"edit"}
+
+
+# ============================================================================ the eval harness
+
+
+EVAL_REQUESTS = [
+    {**R1, "ground_truth": "French", "rephrase_prompt": "Danielle Darrieux speaks",
+     "locality_prompt": "The capital of Germany is", "locality_ground_truth": "Berlin"},
+    {**R2, "ground_truth": "Paris", "rephrase_prompt": ["The main city of France", "In France the capital is"],
+     "locality_prompt": "London is the capital of", "locality_ground_truth": "the United Kingdom"},
+    {**R3, "ground_truth": "steak", "rephrase_prompt": "Michael Jordan likes to eat",
+     "locality_prompt": "The team played football in", "locality_ground_truth": "the stadium"},
+    {"prompt": "The first album of the band", "subject": "the band", "target_new": "Paris", "ground_truth": "Rome",
+     "locality_prompt": "Her father was a", "locality_ground_truth": "doctor"},
+]
+
+
+@pytest.mark.parametrize("method,protocol", [("comeba", "consecutive"), ("comeba", "single"), ("memit", "consecutive")])
+def test_evaluate_writes_the_diagnostics(make_tiny, tokenizer, corpus_file, diagnostics_file, tmp_path, method,
+                                         protocol):
+    model = make_tiny("llama")
+    settings = Settings(generation=False, fluency_tokens=0, diagnostics_text=str(diagnostics_file))
+    out = tmp_path / "run"
+    summary = evaluate(model, tokenizer, EVAL_REQUESTS, method=method, protocol=protocol, hparams=HParams(**HP),
+                       corpus=text_corpus([corpus_file]), batch_size=2, checkpoint_every=1, settings=settings,
+                       out=out, progress=False)
+    unedited = text_pass(model, tokenizer, general_text_sample(tokenizer, diagnostics_file))["perplexity"]
+    gate_keys = {f"{kind}_open_{l}" for kind in ("false", "edit", "rephrase") for l in (1, 2)}
+    gate_keys |= {"false_open_max", "edit_open_min", "rephrase_open_min"}
+    checkpoints = summary["checkpoints"]
+    assert [c["n_edits"] for c in checkpoints] == [2, 4]
+    for c in checkpoints:
+        assert c["perplexity"] > 1 and c["perplexity_ratio"] == pytest.approx(c["perplexity"] / unedited, rel=1e-3)
+        if method == "comeba":
+            assert gate_keys <= set(c)
+            assert all(0 <= c[k] <= 100 for k in gate_keys)
+            assert c["false_open_max"] == max(c["false_open_1"], c["false_open_2"])
+            for kind in ("edit", "rephrase"):
+                assert c[f"{kind}_open_min"] == min(c[f"{kind}_open_1"], c[f"{kind}_open_2"])
+            if c["false_open_max"] == 0:  # the gates stayed shut on the general text: its perplexity is unchanged
+                assert c["perplexity_ratio"] == 1.0
+        else:  # no gate: no open rates, and the edited weights act on every token
+            assert not any(k.startswith(("false_open", "edit_open", "rephrase_open")) for k in c)
+            assert c["perplexity_ratio"] != 1.0
+    if method == "comeba":
+        assert max(c["edit_open_1"] for c in checkpoints) > 0  # it opens on some edited subject
+        if protocol == "consecutive":
+            assert summary["method_info"]["gate"] == "span"
+    rows = list(csv.DictReader((out / "checkpoints.csv").read_text().splitlines()))
+    assert len(rows) == 2
+    for row, c in zip(rows, checkpoints):
+        for k in ("perplexity", "perplexity_ratio") + (tuple(sorted(gate_keys)) if method == "comeba" else ()):
+            assert row[k] != "" and float(row[k]) == pytest.approx(c[k]), k
+
+
+def test_span_threshold_lowers_alpha_for_the_batch_subjects_within_the_false_open_bound():
+    from comeba.hooks import span_threshold
+
+    g = torch.Generator().manual_seed(0)
+    general = torch.rand(40, 50, generator=g, dtype=torch.float64)  # 2,000 general-text scores in [0, 1)
+    general[3, 40:] = float("nan")  # padding
+    prompts = torch.full((2, 50), float("nan"), dtype=torch.float64)
+    scores = torch.cat([general, prompts])
+    hi = calibrated_threshold(general, 1e-3)
+    lo = calibrated_threshold(general, 5e-2)
+    # subjects above the (1 − ε) quantile: α is that quantile
+    scores[40, 5], scores[41, 7] = hi + 0.001, 0.9999
+    assert span_threshold(scores, 40, [(40, 5), (41, 7)], 1e-3, 5e-2) == hi
+    # a subject below it: α comes down to that subject's score, so it opens ...
+    scores[41, 7] = (hi + lo) / 2
+    alpha = span_threshold(scores, 40, [(40, 5), (41, 7)], 1e-3, 5e-2)
+    assert alpha == scores[41, 7].item() and scores[41, 7] >= alpha
+    # ... but never below the (1 − ε_max) quantile
+    scores[41, 7] = lo / 2
+    assert span_threshold(scores, 40, [(40, 5), (41, 7)], 1e-3, 5e-2) == lo
+    # no subjects: the plain quantile; the padding is ignored
+    assert span_threshold(scores, 40, [], 1e-3, 5e-2) == hi
+    finite = general[torch.isfinite(general)]
+    assert (finite >= lo).double().mean().item() == pytest.approx(5e-2, abs=1e-3)
+
+
+def test_a_batch_s_own_subjects_open_after_calibration(make_tiny, tokenizer, corpus_file, shared_comeba_home):
+    from comeba.diagnostics import subject_open_rates
+    from comeba.requests import make_requests as _mk
+
+    model = make_tiny("llama")
+    hp = HParams(layers=[1, 2], v_num_grad_steps=20, clamp_norm_factor=10.0, mom2_update_weight=20.0,
+                 mom2_n_tokens=2000, context_template_prefixes=["The"], context_template_length=6,
+                 gate_false_open_max=0.2)
+    editor = Editor.create(model, tokenizer, hp, corpus=text_corpus([corpus_file]), progress=False)
+    batches = [
+        [{"prompt": "The mother tongue of Danielle Darrieux", "subject": "Danielle Darrieux", "target_new": "English"},
+         {"prompt": "The capital city of France", "subject": "France", "target_new": "Berlin"}],
+        [{"prompt": "The favourite food of Michael Jordan", "subject": "Michael Jordan", "target_new": "pizza"},
+         {"prompt": "The first album of the band", "subject": "the band", "target_new": "Paris"}],
+    ]
+    for batch in batches:
+        editor.edit(batch)
+        with editor.applied():
+            rates = subject_open_rates(model, tokenizer, editor.hooks, _mk(batch))
+        assert all(v == 100.0 for v in rates["edit"].values()), rates
