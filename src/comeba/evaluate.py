@@ -736,7 +736,13 @@ def plot_checkpoints(summary: Mapping[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cps = summary["checkpoints"]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    gate_keys = sorted({k for c in cps for k in c if k.startswith("false_open_") and k != "false_open_max"},
+                       key=lambda k: int(k.rsplit("_", 1)[1]))
+    has_ppl = any(c.get("perplexity_ratio") is not None for c in cps)
+    if gate_keys or has_ppl:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=120, gridspec_kw={"width_ratios": [3, 2]})
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     xs = [c["n_edits"] for c in cps]
     for key, (color, style) in PLOT_STYLE.items():
         ys = [c.get(key) for c in cps]
@@ -754,6 +760,26 @@ def plot_checkpoints(summary: Mapping[str, Any], path: Path) -> None:
                  f" · {summary['n_edits']} edits (dotted: before editing)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
+    if gate_keys or has_ppl:
+        for i, key in enumerate(gate_keys):
+            ax2.plot(xs, [c.get(key, math.nan) for c in cps], marker="o", ms=3, color=f"C{i}",
+                     label=f"false-open, layer {key.rsplit('_', 1)[1]}")
+        ax2.set_xlabel("number of edits")
+        ax2.set_ylabel("gate opens on general text (% of tokens)")
+        ax2.set_ylim(bottom=0)
+        ax2.grid(alpha=0.3)
+        if has_ppl:
+            ax3 = ax2.twinx()
+            ax3.plot(xs, [c.get("perplexity_ratio", math.nan) for c in cps], "k--", marker="s", ms=3,
+                     label="perplexity ratio (right)")
+            ax3.set_ylabel("perplexity with hooks / unedited")
+            ax3.ticklabel_format(axis="y", useOffset=False)
+            lines = ax2.get_legend_handles_labels()
+            more = ax3.get_legend_handles_labels()
+            ax2.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="upper left")
+        else:
+            ax2.legend(fontsize=7, loc="upper left")
+        ax2.set_title("gate diagnostics (general text not used for the statistics)", fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(".tmp-" + path.name)
     fig.savefig(tmp, format="png")
