@@ -411,3 +411,29 @@ def test_pre_cache_is_shared_between_methods_and_keyed(llama, tokenizer, corpus,
     _run(llama, tokenizer, corpus, "seq-memit", "consecutive", tmp_path / "c", requests=REQUESTS[:2], pre_cache=cache)
     assert calls[0] is True
     assert len(json.loads(cache.read_text())["pre"]) == 2
+
+
+def test_cli_eval_gate_and_diagnostics(model_dir, corpus_file, tmp_path, capsys):
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps([dict(r, case_id=i) for i, r in enumerate(REQUESTS)]))
+    hp = tmp_path / "hp.yaml"
+    hp.write_text("layers: [1, 2]\nv_num_grad_steps: 5\nmom2_n_tokens: 1000\ncontext_template_prefixes: [The]\n")
+    text = tmp_path / "general.txt"
+    words = corpus_file.read_text().split()
+    text.write_text("\n".join(" ".join(words[i:i + 40]) for i in range(0, 400, 40)) + "\n")  # 200+ char paragraphs
+    for gate in ("reference", "span"):
+        out = tmp_path / f"out-{gate}"
+        code = main(["eval", "--method", "comeba", "--gate", gate, "--data", f"counterfact:{data}", "--n", "4",
+                     "--batch-size", "2", "--stats-text", str(corpus_file), "--hparams", str(hp), "--model",
+                     str(model_dir), "--diagnostics-text", str(text), "--out", str(out), "--fluency-tokens", "0",
+                     "--no-generation", "--quiet"])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["hparams"]["gate"] == gate and summary["method_info"]["gate"] == gate
+        last = summary["checkpoints"][-1]
+        assert {"perplexity", "perplexity_ratio", "false_open_1", "false_open_2", "edit_open_min"} <= set(last)
+        assert "false_open_max" in (out / "checkpoints.csv").read_text().splitlines()[0]
+    assert main(["eval", "--method", "comeba", "--data", f"counterfact:{data}", "--model", str(model_dir),
+                 "--diagnostics-text", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o3")]) == 2
+    assert "diagnostics text" in capsys.readouterr().err
