@@ -61,14 +61,28 @@ def span_gate(c0: torch.Tensor, c_accu: torch.Tensor, lam: float) -> SpanGate:
     c0 = c0.to(torch.float64)
     c_accu = c_accu.to(torch.float64)
     a0 = lam * c0
-    chol = torch.linalg.cholesky(a0)
     eye = torch.eye(a0.shape[0], dtype=torch.float64, device=a0.device)
+    chol = _cholesky_with_jitter(a0, eye)
     whiten = torch.linalg.solve_triangular(chol, eye, upper=False)  # L⁻¹
     s_w = whiten @ (c_accu - a0) @ whiten.T
     s_w = 0.5 * (s_w + s_w.T)
     h = torch.cholesky_solve(s_w, torch.linalg.cholesky(eye + s_w))
     h = 0.5 * (h + h.T)
     return SpanGate(whiten.to(torch.float32), h.to(torch.float32))
+
+
+def _cholesky_with_jitter(a: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of a symmetric PSD matrix; a C0 from little text can be singular, so add the
+    smallest ridge (relative to its mean diagonal) that makes it positive definite."""
+    chol, info = torch.linalg.cholesky_ex(a)
+    scale = float(a.diagonal().mean().clamp(min=1e-30))
+    for rel in (1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
+        if int(info) == 0:
+            return chol
+        chol, info = torch.linalg.cholesky_ex(a + rel * scale * eye)
+    if int(info) != 0:
+        raise ValueError("the key statistics C0 are not positive semi-definite (non-finite values?)")
+    return chol
 
 
 def span_scores(k: torch.Tensor, gate: SpanGate) -> torch.Tensor:
