@@ -23,6 +23,7 @@ import torch
 
 from .hooks import HookLayers
 from .requests import Request, RequestError, make_template
+from .stats import _paragraphs_from_files
 from .text import encode_prompt, model_device, pad_batch, subject_last_index
 
 MIN_PARAGRAPH_CHARS = 200
@@ -46,14 +47,12 @@ def general_text_sample(tokenizer, path: str | Path, n_sequences: int = 100, seq
     if not path.is_file():
         raise FileNotFoundError(f"diagnostics text {str(path)!r} does not exist")
     seqs = []
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            line = line.strip()
-            if len(line) < MIN_PARAGRAPH_CHARS or line.startswith("="):
-                continue
-            seqs.append(tuple(encode_prompt(tokenizer, line)[:seq_len]))
-            if len(seqs) == n_sequences:
-                break
+    for line in _paragraphs_from_files([str(path)]):  # the statistics' reader: headings and blank lines skipped
+        if len(line) < MIN_PARAGRAPH_CHARS:
+            continue
+        seqs.append(tuple(encode_prompt(tokenizer, line)[:seq_len]))
+        if len(seqs) == n_sequences:
+            break
     if not seqs:
         raise ValueError(f"diagnostics text {str(path)!r} holds no paragraph of {MIN_PARAGRAPH_CHARS}+ characters")
     return TextSample(tuple(seqs), f"{path.name}: {len(seqs)} paragraphs × ≤ {seq_len} tokens")
