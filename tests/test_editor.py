@@ -10,7 +10,7 @@ import torch
 
 from comeba.models import cache_kwarg
 
-from comeba.editor import CONFIG_FILE, Editor, StateError, batch_gate_maxima
+from comeba.editor import CONFIG_FILE, Editor, LayerState, StateError, batch_gate_maxima
 from comeba.hparams import HParams
 from comeba.models import weights_checksum
 from comeba.requests import RequestError
@@ -82,7 +82,7 @@ def _logits(model, tokenizer, text):
 
 def _snapshot(editor):
     return (
-        {l: s.clone() for l, s in editor.layers.items()},
+        {l: LayerState(s.delta.clone(), s.c_accu.clone(), s.alpha) for l, s in editor.layers.items()},
         editor.n_batches,
         editor.n_edits,
         list(editor.templates),
@@ -444,8 +444,10 @@ def test_interrupt_mid_edit_leaves_state_untouched(new_editor, tokenizer, tmp_pa
 # --------------------------------------------------------------------------- batch-mates, precision, odd prompts
 
 
-def test_target_values_and_keys_do_not_depend_on_batch_mates(new_editor, tokenizer):
-    from comeba.compute import subject_keys, target_values
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
+def test_target_values_and_keys_do_not_depend_on_batch_mates(new_editor, tokenizer, optimizer):
+    from comeba.compute import subject_keys
+    from comeba.values import target_values
     from comeba.hooks import HookLayers
     from comeba.requests import make_requests
 
@@ -454,7 +456,7 @@ def test_target_values_and_keys_do_not_depend_on_batch_mates(new_editor, tokeniz
     long_one = {"prompt": "The long and winding history of the old city of Rome", "subject": "Rome",
                 "target_new": "London"}
     reqs = make_requests([R1, long_one, R2])  # R1 is right-padded next to the long one
-    model, layout, hp = editor.model, editor.layout, editor.hparams
+    model, layout, hp = editor.model, editor.layout, editor.hparams.replace(v_optimizer=optimizer)
     with HookLayers(model, layout, editor.hook_weights()):
         z_all = target_values(model, tokenizer, layout, reqs, hp, editor.templates, progress=False)
         z_one = target_values(model, tokenizer, layout, reqs[:1], hp, editor.templates, progress=False)

@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from . import __version__
-from .compute import accumulate_keys, context_templates, solve_update, target_values, write_layers
+from .compute import accumulate_keys, context_templates, solve_update, write_layers
+from .values import target_values
 from .files import atomic_save_tensors, atomic_write_text
 from .hooks import HookLayers, HookWeights, SpanGate, gate_scores, hook_addition, span_gate, span_threshold
 from .hparams import HParams
@@ -58,8 +59,10 @@ class LayerState:
     c0: torch.Tensor | None = None
     span: SpanGate | None = None
 
-    def clone(self) -> "LayerState":
-        return LayerState(self.delta.clone(), self.c_accu.clone(), self.alpha, self.c0, self.span)
+    def copy(self) -> "LayerState":
+        """A shallow copy: a batch replaces ΔW and C_accu with new tensors and never writes into them, so
+        the previous state stays intact for a rollback without copying C_accu (gigabytes for a 7B model)."""
+        return LayerState(self.delta, self.c_accu, self.alpha, self.c0, self.span)
 
 
 class Editor:
@@ -231,7 +234,7 @@ class Editor:
         hp = self.hparams
         was_attached = self.attached
         self.detach()
-        new = {l: s.clone() for l, s in self.layers.items()}
+        new = {l: s.copy() for l, s in self.layers.items()}
         try:
             with HookLayers(self.model, self.layout, self.hook_weights(gated=True)) as hooks:
                 # 1. target values with the validated hooks (the model as edited so far)

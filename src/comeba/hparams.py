@@ -16,6 +16,7 @@ IGNORED_KEYS = {
     "stats_dir", "max_length", "fp16", "mom2_adjustment", "v_loss_layer",
 }
 GATES = ("span", "reference")
+OPTIMIZERS = ("lbfgs", "adam")
 ALIASES = {"mom2_n_samples": "mom2_n_tokens", "threshold": "alpha", "init_alpha": "alpha"}
 
 
@@ -39,6 +40,7 @@ class HParams:
 
     layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
     fact_token: str = "subject_last"
+    v_optimizer: str = "lbfgs"
     v_num_grad_steps: int = 25
     v_lr: float = 0.5
     v_weight_decay: float = 1e-3
@@ -90,6 +92,8 @@ class HParams:
             raise HParamsError(f"nullspace_threshold must be positive (or null), got {self.nullspace_threshold!r}")
         if not self.L2 > 0:
             raise HParamsError(f"L2 must be positive, got {self.L2!r}")
+        if self.v_optimizer not in OPTIMIZERS:
+            raise HParamsError(f"v_optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.v_optimizer!r}")
         if self.gate not in GATES:
             raise HParamsError(f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
         if not 0 < self.gate_false_open < 1:

@@ -1,0 +1,143 @@
+"""Target values (comeba.values): the loss, its grouping by suffix length, the two optimisers; the Cholesky solve."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from comeba.compute import context_templates, solve_update
+from comeba.hparams import HParams, HParamsError
+from comeba.models import detect_layout
+from comeba.requests import make_requests
+from comeba.values import OPTIMISERS, _Objective, length_groups, target_values
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HP = HParams(layers=[1, 2], v_num_grad_steps=20, clamp_norm_factor=10.0, context_template_prefixes=["The", "I"],
+             context_template_length=4)
+# The subject ends each prompt (tiny random models: see test_editor); targets of different lengths.
+REQUESTS = [
+    {"prompt": "The mother tongue of Danielle Darrieux", "subject": "Danielle Darrieux", "target_new": "English"},
+    {"prompt": "The capital city of France", "subject": "France", "target_new": "the old town of Berlin"},
+    {"prompt": "The favourite food of Michael Jordan", "subject": "Michael Jordan", "target_new": "pizza with cheese"},
+]
+
+
+def _brute_force(lengths, pass_cost):
+    """The cheapest split of the sorted distinct lengths into contiguous groups, by trying them all."""
+    widths = sorted(set(lengths))
+    best = float("inf")
+    for mask in itertools.product([0, 1], repeat=len(widths) - 1):
+        cost, start = 0, 0
+        for j in range(len(widths)):
+            if j == len(widths) - 1 or mask[j]:
+                group = [x for x in lengths if widths[start] <= x <= widths[j]]
+                cost += pass_cost + len(group) * widths[j]
+                start = j + 1
+        best = min(best, cost)
+    return best
+
+
+def test_length_groups_is_the_cheapest_split():
+    rng = random.Random(0)
+    for _ in range(50):
+        lengths = [rng.choice([1, 2, 3, 5, 8, 13, 21, 30, 34, 40]) for _ in range(rng.randint(1, 40))]
+        cost = rng.choice([0, 5, 48, 500])
+        groups = length_groups(lengths, cost)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        assert all(g == sorted(g) for g in groups)
+        got = sum(cost + len(g) * max(lengths[i] for i in g) for g in groups)
+        assert got == _brute_force(lengths, cost)
+
+
+@pytest.fixture
+def setup(make_tiny, tokenizer):
+    model = make_tiny("llama")
+    templates = context_templates(model, tokenizer, HP)
+    return model, tokenizer, detect_layout(model), make_requests(REQUESTS), templates
+
+
+def test_grouped_loss_equals_one_padded_pass(setup, monkeypatch):
+    """Grouping suffixes by length changes the padding, never the loss or its gradient."""
+    import comeba.values as values
+
+    model, tok, layout, reqs, templates = setup
+    torch.manual_seed(0)
+    delta = torch.randn(len(reqs), model.config.hidden_size)
+    active = torch.tensor([True, True, True])
+    monkeypatch.setattr(values.length_groups, "__defaults__", (0,))  # a pass per distinct length
+    grouped = _Objective(model, tok, layout, reqs, HP, templates)
+    assert len(length_groups([grouped.suffix_len[i] for i in range(grouped.n_seq)])) > 1  # the test needs groups
+    l1, g1 = grouped.value_and_grad(torch.zeros_like(delta), active)  # the first call fixes the KL reference
+    l1, g1 = grouped.value_and_grad(delta, active)
+    monkeypatch.setattr(values.length_groups, "__defaults__", (10**9,))  # one pass, padded to the longest
+    single = _Objective(model, tok, layout, reqs, HP, templates)
+    assert len(length_groups([single.suffix_len[i] for i in range(single.n_seq)])) == 1
+    single.value_and_grad(torch.zeros_like(delta), active)
+    l2, g2 = single.value_and_grad(delta, active)
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-5)
+    # a request left out contributes nothing, and the others do not change
+    l3, g3 = grouped.value_and_grad(delta, torch.tensor([True, False, True]))
+    assert l3[1] == 0 and bool((g3[1] == 0).all())
+    torch.testing.assert_close(l3[[0, 2]], l1[[0, 2]], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMISERS))
+def test_optimisers_lower_the_loss_within_budget_and_ball(setup, name):
+    model, tok, layout, reqs, templates = setup
+    hp = HP.replace(v_optimizer=name)
+    obj = _Objective(model, tok, layout, reqs, hp, templates)
+    start, _ = obj.value_and_grad(torch.zeros_like(obj.h_init), torch.ones(len(reqs), dtype=torch.bool))
+    delta, loss, passes = OPTIMISERS[name](obj, hp)
+    assert bool((passes >= 1).all()) and bool((passes <= hp.v_num_grad_steps).all())
+    assert bool((loss < start - 0.005).all()), (name, loss, start)  # tiny random models move little
+    assert bool((delta.norm(dim=-1) <= obj.max_norm[:, 0] * (1 + 1e-5)).all())
+    # the loss reported is the loss at the δ returned
+    again = _Objective(model, tok, layout, reqs, hp, templates)
+    again.value_and_grad(torch.zeros_like(delta), torch.ones(len(reqs), dtype=torch.bool))
+    at, _ = again.value_and_grad(delta, torch.ones(len(reqs), dtype=torch.bool))
+    torch.testing.assert_close(at, loss, rtol=1e-4, atol=1e-5)
+
+
+def test_lbfgs_needs_fewer_passes_than_adam_to_the_same_loss(setup):
+    """Why it is the default: on the same requests it reaches a loss Adam reaches, in fewer passes."""
+    model, tok, layout, reqs, templates = setup
+    hp = HP.replace(v_num_grad_steps=40)
+    adam = _Objective(model, tok, layout, reqs, hp, templates)
+    _, adam_loss, adam_passes = OPTIMISERS["adam"](adam, hp)
+    hp = hp.replace(early_stop_loss=float(adam_loss.max()))  # stop where Adam ended
+    lbfgs = _Objective(model, tok, layout, reqs, hp, templates)
+    _, loss, passes = OPTIMISERS["lbfgs"](lbfgs, hp)
+    assert bool((loss <= hp.early_stop_loss).all())
+    assert passes.sum() < adam_passes.sum(), (passes, adam_passes)
+
+
+def test_target_values_match_per_chunk(setup):
+    """Chunking (for memory) does not change a request's value."""
+    model, tok, layout, reqs, templates = setup
+    z_all = target_values(model, tok, layout, reqs, HP, templates, progress=False)
+    z_chunks = target_values(model, tok, layout, reqs, HP, templates, progress=False, chunk=2)
+    torch.testing.assert_close(z_all, z_chunks, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_optimiser_is_refused():
+    with pytest.raises(HParamsError, match="v_optimizer"):
+        HParams(v_optimizer="sgd")
+
+
+def test_solve_refuses_a_covariance_that_is_not_positive_definite():
+    keys = torch.randn(3, 8, dtype=torch.float64)
+    resid = torch.randn(3, 5, dtype=torch.float64)
+    good = torch.eye(8, dtype=torch.float64)
+    delta = solve_update(resid, keys, good)
+    K, R = keys.T, resid.T
+    torch.testing.assert_close(delta, R @ K.T @ torch.linalg.inv(good + K @ K.T))
+    bad = -10 * torch.eye(8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="not positive definite"):
+        solve_update(resid, keys, bad)
+    with pytest.raises(ValueError, match="NaN"):
+        solve_update(resid, keys, torch.full((8, 8), float("nan"), dtype=torch.float64))
