@@ -230,3 +230,23 @@ def test_real_zsre_dev():
     by_id = {r.case_id: r for r in res.requests}
     if 2 in by_id:
         assert by_id[2].ground_truth == "1987"
+
+
+def test_braces_in_prompts_are_literal_text():
+    from comeba.requests import make_request
+
+    given = make_request({"prompt": "In {x} and {} {y}", "subject": "Paris", "target_new": "France"})
+    assert given.text == "In {x} and Paris {y}"
+    found = make_request({"prompt": "In {x} and Paris }{", "subject": "Paris", "target_new": "France"})
+    assert found.text == "In {x} and Paris }{"
+
+
+def test_contradicting_requests_in_one_batch_are_refused():
+    from comeba.requests import RequestError, make_requests
+
+    a = {"prompt": "The capital of France is", "subject": "France", "target_new": "Berlin"}
+    same = dict(a)
+    other = dict(a, target_new="Rome")
+    assert len(make_requests([a, same])) == 2  # a repeated request is harmless
+    with pytest.raises(RequestError, match="requests 0 and 2 give the prompt 'The capital of France is' two targets"):
+        make_requests([a, {"prompt": "x of Spain", "subject": "Spain", "target_new": "y"}, other])

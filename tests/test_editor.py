@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import pytest
@@ -348,17 +349,95 @@ def test_state_size_is_fixed_and_save_is_atomic(new_editor, tmp_path):
     size = first.stat().st_size
     n = sum(w.numel() for s in editor.layers.values() for w in (s.delta, s.c_accu))
     assert size >= 4 * n  # the whole state is in the file
+    previous = first.name
+    (directory / ".tmp-killed-save.safetensors").write_bytes(b"half a file")  # a save killed midway
     for batch in ([R2], [R3, R4]):
         editor.edit(batch)
         editor.save(directory)
         files = sorted(p.name for p in directory.iterdir())
         config = json.loads((directory / CONFIG_FILE).read_text())
         state_files = [f for f in files if f.startswith("state-") and f.endswith(".safetensors")]
-        assert state_files == [config["tensors"]]
-        assert files == sorted([CONFIG_FILE, config["tensors"]])  # no temporary leftovers
+        # the new tensors, and the previous ones for a reader that has just read the previous config
+        assert sorted(state_files) == sorted([config["tensors"], previous])
+        assert files == sorted([CONFIG_FILE, ".lock", *state_files])  # no temporary leftovers
+        previous = config["tensors"]
     assert config["n_batches"] == 3 and config["n_edits"] == 4
     assert (directory / config["tensors"]).stat().st_size == size
     assert {int(k): v for k, v in config["alpha"].items()} == {l: s.alpha for l, s in editor.layers.items()}
+
+
+def _damage(path: Path, at: float, data: bytes) -> None:
+    raw = bytearray(path.read_bytes())
+    i = int(len(raw) * at)
+    raw[i : i + len(data)] = data
+    path.write_bytes(bytes(raw))
+
+
+def test_damaged_or_truncated_state_is_refused(new_editor, tokenizer, tmp_path):
+    editor = new_editor("llama")
+    editor.edit([R1])
+    directory = tmp_path / "state"
+    editor.save(directory)
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    tensors = directory / config["tensors"]
+    good = tensors.read_bytes()
+    Editor.load(directory, editor.model, tokenizer)  # intact: loads
+    _damage(tensors, 0.6, b"\xff" * 8)
+    with pytest.raises(StateError, match="damaged.*checksum"):
+        Editor.load(directory, editor.model, tokenizer)
+    # a state saved before digests were recorded: the damage is still caught by the finite check ...
+    del config["tensors_sha256"]
+    (directory / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(StateError, match="NaN or infinite"):
+        Editor.load(directory, editor.model, tokenizer)
+    # ... and a truncated file by safetensors, as a one-line error
+    tensors.write_bytes(good[: len(good) // 2])
+    with pytest.raises(StateError, match="cannot be read"):
+        Editor.load(directory, editor.model, tokenizer)
+
+
+def test_second_writer_is_refused(new_editor, tmp_path):
+    from comeba.files import LockedError, writer_lock
+
+    editor = new_editor("gpt2")
+    editor.edit([R1])
+    directory = tmp_path / "state"
+    directory.mkdir()
+    with writer_lock(directory):
+        with pytest.raises(LockedError, match="another process"):
+            editor.save(directory)
+    editor.save(directory)  # the lock is released with its holder
+
+
+@pytest.mark.parametrize("where", ["values", "update"])
+def test_non_finite_batch_is_refused_and_state_untouched(new_editor, tokenizer, monkeypatch, tmp_path, where):
+    import comeba.editor as editor_mod
+
+    editor = new_editor("llama")
+    editor.edit([R1])
+    editor.save(tmp_path / "state")
+    snap = _snapshot(editor)
+    saved = (tmp_path / "state" / CONFIG_FILE).read_text()
+    if where == "values":
+        real = editor_mod.target_values
+
+        def poisoned(*args, **kwargs):
+            z = real(*args, **kwargs)
+            z[1, 3] = float("nan")
+            return z
+        monkeypatch.setattr(editor_mod, "target_values", poisoned)
+        match = r"target values of request\(s\) #1 \('France'"
+    else:
+        monkeypatch.setattr(editor_mod, "solve_update", lambda R, K, C: torch.full((R.shape[1], K.shape[1]), float("inf"),
+                                                                                  dtype=torch.float64))
+        match = "layer 1: the update for this batch is not finite"
+    with pytest.raises(editor_mod.EditError, match=match):
+        editor.edit([R3, R2])
+    _assert_state(editor, snap)
+    assert (tmp_path / "state" / CONFIG_FILE).read_text() == saved
+    monkeypatch.undo()
+    editor.edit([R3, R2])  # and it still works afterwards
+    assert all(bool(torch.isfinite(s.delta).all()) for s in editor.layers.values())
 
 
 def test_load_onto_another_model_is_refused(new_editor, make_tiny, tokenizer, tmp_path):

@@ -141,3 +141,15 @@ def test_solve_refuses_a_covariance_that_is_not_positive_definite():
         solve_update(resid, keys, bad)
     with pytest.raises(ValueError, match="NaN"):
         solve_update(resid, keys, torch.full((8, 8), float("nan"), dtype=torch.float64))
+
+
+def test_solve_refuses_an_ill_conditioned_system():
+    d = 8
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    covariance = q @ torch.diag(torch.logspace(0, -15, d, dtype=torch.float64)) @ q.T  # condition number 1e15
+    keys = 1e-9 * torch.randn(2, d, generator=g, dtype=torch.float64)
+    resid = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    with pytest.raises(ValueError, match="ill-conditioned|not positive definite"):
+        solve_update(resid, keys, covariance)
+    solve_update(resid, keys, q @ torch.diag(torch.logspace(0, -6, d, dtype=torch.float64)) @ q.T)  # 1e6 is fine

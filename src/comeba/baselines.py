@@ -24,10 +24,10 @@ import torch
 
 from . import alphaedit
 from .compute import accumulate_keys, context_templates, solve_update, write_layers
-from .values import target_values
 from .hparams import HParams
 from .models import detect_layout, mlp_out_weight, num_layers
 from .requests import Request, make_requests
+from .values import target_values
 
 METHODS = ("memit", "seq-memit", "no-hook", "alphaedit")
 

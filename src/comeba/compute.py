@@ -25,6 +25,7 @@ from .trace import trace
 log = logging.getLogger(__name__)
 
 KL_PROMPT = "{} is a"
+SOLVE_TOLERANCE = 1e-6  # relative residual of the update's solve beyond which it is refused
 TOKENS_PER_PASS = 8192  # padded tokens per forward pass when only reading activations
 
 
@@ -183,6 +184,11 @@ def solve_update(residuals: torch.Tensor, keys: torch.Tensor, covariance: torch.
                          + ("" if finite else " (it holds NaN or infinite values)")
                          + f" (leading minor {int(info)} of {A.shape[0]}): check the key statistics and the keys")
     X = torch.cholesky_solve(K, chol)  # A⁻¹ K; A is symmetric so (A⁻¹ K)ᵀ = Kᵀ A⁻¹
+    # A nearly singular A gives a huge, meaningless update: check that the solve holds.
+    residual = float((A @ X - K).norm() / K.norm().clamp(min=1e-300))
+    if not residual < SOLVE_TOLERANCE:
+        raise ValueError(f"the covariance C + K Kᵀ is too ill-conditioned to solve against (relative residual "
+                         f"{residual:.1e}): check the key statistics (too few tokens?) and λ")
     return R @ X.T
 
 

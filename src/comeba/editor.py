@@ -24,8 +24,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .compute import accumulate_keys, context_templates, solve_update, write_layers
-from .values import target_values
-from .files import atomic_save_tensors, atomic_write_text
+from .files import atomic_save_tensors, atomic_write_text, sha256_file, writer_lock
 from .hooks import HookLayers, HookWeights, SpanGate, gate_scores, hook_addition, span_gate, span_threshold
 from .hparams import HParams
 from .models import Layout, detect_layout, fingerprint, mlp_out_weight, num_layers
@@ -33,6 +32,7 @@ from .requests import Request, make_requests
 from .stats import Corpus, calibration_sample, default_corpus, load_or_compute_stats, samples_corpus
 from .text import encode_prompt, model_device, pad_batch, subject_last_index
 from .trace import trace
+from .values import target_values
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,14 @@ FORMAT_VERSION = 1
 
 class StateError(ValueError):
     """A saved editor state that cannot be used with this model."""
+
+
+class EditError(ValueError):
+    """A batch that cannot be written (a non-finite value or an ill-posed solve); the state is unchanged."""
+
+
+def _names(batch: Sequence[Request], rows) -> str:
+    return ", ".join(f"#{i} ({batch[i].subject!r} → {batch[i].target_new.strip()!r})" for i in rows)
 
 
 @dataclass
@@ -239,11 +247,21 @@ class Editor:
             with HookLayers(self.model, self.layout, self.hook_weights(gated=True)) as hooks:
                 # 1. target values with the validated hooks (the model as edited so far)
                 z = target_values(self.model, self.tokenizer, self.layout, batch, hp, self.templates, progress=self.progress)
+                bad = (~torch.isfinite(z).all(dim=1)).nonzero().flatten().tolist()
+                if bad:
+                    raise EditError(f"the target values of request(s) {_names(batch, bad)} are not finite; "
+                                    "nothing was written")
                 # 2. temporary hooks everywhere, then write layer by layer
                 for l, s in new.items():
                     hooks.set(l, HookWeights(s.delta, s.alpha, gated=False))
 
                 def apply(layer: int, delta: torch.Tensor, keys: torch.Tensor) -> None:
+                    bad_keys = (~torch.isfinite(keys).all(dim=1)).nonzero().flatten().tolist()
+                    if bad_keys:
+                        raise EditError(f"layer {layer}: the keys of request(s) {_names(batch, bad_keys)} are not "
+                                        "finite; nothing was written")
+                    if not bool(torch.isfinite(delta).all()):
+                        raise EditError(f"layer {layer}: the update for this batch is not finite; nothing was written")
                     state = new[layer]
                     state.delta = state.delta + delta.to(state.delta)
                     state.c_accu = accumulate_keys(state.c_accu, keys)
@@ -337,6 +355,10 @@ class Editor:
         """Write the state atomically: the old state stays valid until the new one is complete."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        with writer_lock(directory):
+            return self._save_locked(directory)
+
+    def _save_locked(self, directory: Path) -> Path:
         tensor_file = f"state-{uuid.uuid4().hex[:12]}.safetensors"
         tensors = {}
         for l, s in self.layers.items():
@@ -348,10 +370,16 @@ class Editor:
             ids, mask = pad_batch(self.calibration, 0)
             tensors["calibration.ids"] = ids
             tensors["calibration.lengths"] = mask.sum(1)
+        try:  # a reader that has just read the previous config still finds its tensors
+            previous = json.loads((directory / CONFIG_FILE).read_text()).get("tensors")
+        except (OSError, ValueError, AttributeError):
+            previous = None
         atomic_save_tensors(directory / tensor_file, tensors)
-        atomic_write_text(directory / CONFIG_FILE, json.dumps(self.config(tensor_file), indent=2))
+        config = self.config(tensor_file)
+        config["tensors_sha256"] = sha256_file(directory / tensor_file)
+        atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2))
         for old in directory.glob("state-*.safetensors"):
-            if old.name != tensor_file:
+            if old.name not in (tensor_file, previous):
                 old.unlink(missing_ok=True)
         return directory
 
@@ -371,7 +399,7 @@ class Editor:
             )
         # States saved before the span gate existed used the reference gate.
         hp = HParams.from_dict({"gate": "reference", **config["hparams"]})
-        tensors = load_file(str(directory / config["tensors"]))
+        tensors = _read_tensors(directory, config)
         layout = detect_layout(model)
         layers = {}
         for l in hp.layers:
@@ -385,6 +413,10 @@ class Editor:
             c0 = tensors.get(f"c0.{l}")
             if hp.gate == "span" and (c0 is None or c0.shape != c_accu.shape):
                 raise StateError(f"editor state in {directory} lacks the span gate's C0 of layer {l}")
+            for name, t in (("ΔW", delta), ("C_accu", c_accu), ("C0", c0)):
+                if t is not None and not bool(torch.isfinite(t).all()):
+                    raise StateError(f"editor state in {directory} is damaged: {name} of layer {l} holds NaN or "
+                                     "infinite values; it was not loaded")
             layers[l] = LayerState(delta.to(w0.device, torch.float32), c_accu.to(w0.device, torch.float64),
                                    float(config["alpha"][str(l)]),
                                    c0=c0.to(w0.device) if hp.gate == "span" else None)
@@ -397,6 +429,25 @@ class Editor:
         return cls(model, tokenizer, hp, layers, config["context_templates"], model_fingerprint=fp,
                    stats_provenance=config.get("statistics"), n_batches=int(config["n_batches"]),
                    n_edits=int(config["n_edits"]), calibration=calibration, progress=progress)
+
+
+def _read_tensors(directory: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The state's tensors, verified against the digest recorded at save time (states saved before digests
+    were recorded are only checked for readability)."""
+    path = directory / config["tensors"]
+    expected = config.get("tensors_sha256")
+    if expected is not None and sha256_file(path) != expected:
+        raise StateError(f"editor state in {directory} is damaged: {path.name} does not match the checksum "
+                         f"recorded when it was saved; it was not loaded")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise StateError(f"editor state in {directory}: {path.name} cannot be read (truncated or damaged: "
+                         f"{_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:

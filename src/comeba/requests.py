@@ -82,7 +82,9 @@ def make_template(prompt: str, subject: str) -> str:
     if "{}" in prompt:
         if prompt.count("{}") != 1:
             raise RequestError(f"prompt {prompt!r} holds '{{}}' more than once")
-        return prompt
+        # The subject's place is given; any other brace is literal text.
+        before, after = prompt.split("{}")
+        return _escape(before) + "{}" + _escape(after)
     count = prompt.count(subject)
     if count == 0:
         raise RequestError(f"subject {subject!r} does not occur in prompt {prompt!r}")
@@ -92,9 +94,11 @@ def make_template(prompt: str, subject: str) -> str:
             "the key position would be ambiguous"
         )
     # Literal braces elsewhere in the prompt would break str.format.
-    escaped = prompt.replace("{", "{{").replace("}", "}}")
-    esc_subject = subject.replace("{", "{{").replace("}", "}}")
-    return escaped.replace(esc_subject, "{}", 1)
+    return _escape(prompt).replace(_escape(subject), "{}", 1)
+
+
+def _escape(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 def make_request(record: Mapping[str, Any], index: int | None = None) -> Request:
@@ -150,4 +154,11 @@ def make_requests(records: Iterable[Mapping[str, Any] | Request]) -> list[Reques
     out = [r if isinstance(r, Request) else make_request(r, i) for i, r in enumerate(records)]
     if not out:
         raise RequestError("no edit requests given")
+    first: dict[tuple[str, str], int] = {}
+    for i, r in enumerate(out):
+        j = first.setdefault((r.prompt, r.subject), i)
+        if j != i and out[j].target_new != r.target_new:
+            raise RequestError(f"requests {j} and {i} give the prompt {r.text!r} two targets "
+                               f"({out[j].target_new.strip()!r} and {r.target_new.strip()!r}): one batch must not "
+                               "contradict itself")
     return out
