@@ -349,7 +349,6 @@ def test_state_size_is_fixed_and_save_is_atomic(new_editor, tmp_path):
     size = first.stat().st_size
     n = sum(w.numel() for s in editor.layers.values() for w in (s.delta, s.c_accu))
     assert size >= 4 * n  # the whole state is in the file
-    previous = first.name
     (directory / ".tmp-killed-save.safetensors").write_bytes(b"half a file")  # a save killed midway
     for batch in ([R2], [R3, R4]):
         editor.edit(batch)
@@ -357,10 +356,8 @@ def test_state_size_is_fixed_and_save_is_atomic(new_editor, tmp_path):
         files = sorted(p.name for p in directory.iterdir())
         config = json.loads((directory / CONFIG_FILE).read_text())
         state_files = [f for f in files if f.startswith("state-") and f.endswith(".safetensors")]
-        # the new tensors, and the previous ones for a reader that has just read the previous config
-        assert sorted(state_files) == sorted([config["tensors"], previous])
-        assert files == sorted([CONFIG_FILE, ".lock", *state_files])  # no temporary leftovers
-        previous = config["tensors"]
+        assert state_files == [config["tensors"]]
+        assert files == sorted([CONFIG_FILE, ".lock", config["tensors"]])  # no temporary leftovers
     assert config["n_batches"] == 3 and config["n_edits"] == 4
     assert (directory / config["tensors"]).stat().st_size == size
     assert {int(k): v for k, v in config["alpha"].items()} == {l: s.alpha for l, s in editor.layers.items()}
@@ -394,6 +391,29 @@ def test_damaged_or_truncated_state_is_refused(new_editor, tokenizer, tmp_path):
     tensors.write_bytes(good[: len(good) // 2])
     with pytest.raises(StateError, match="cannot be read"):
         Editor.load(directory, editor.model, tokenizer)
+
+
+def test_reader_survives_a_save_between_config_and_tensors(new_editor, tokenizer, tmp_path, monkeypatch):
+    import comeba.editor as editor_mod
+
+    editor = new_editor("gpt2")
+    editor.edit([R1])
+    directory = tmp_path / "state"
+    editor.save(directory)
+    real = editor_mod.read_config
+    calls = []
+
+    def racing(folder):
+        config = real(folder)
+        if not calls:  # a writer replaces the state right after this reader read the config
+            editor.edit([R2])
+            editor.save(directory)
+        calls.append(config["tensors"])
+        return config
+    monkeypatch.setattr(editor_mod, "read_config", racing)
+    loaded = Editor.load(directory, editor.model, tokenizer)
+    assert len(calls) == 2 and calls[0] != calls[1]
+    assert loaded.n_edits == 2
 
 
 def test_second_writer_is_refused(new_editor, tmp_path):

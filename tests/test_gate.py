@@ -446,6 +446,10 @@ def test_span_state_without_its_calibration_text_is_refused(new_editor, make_tin
     path = tmp_path / "state" / config["tensors"]
     tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith("calibration.")}
     save_file(tensors, str(path))
+    from comeba.files import sha256_file
+
+    config["tensors_sha256"] = sha256_file(path)  # a whole state, written without its calibration text
+    (tmp_path / "state" / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(StateError, match="calibration"):
         Editor.load(tmp_path / "state", make_tiny("llama"), tokenizer, progress=False)
 

@@ -370,16 +370,12 @@ class Editor:
             ids, mask = pad_batch(self.calibration, 0)
             tensors["calibration.ids"] = ids
             tensors["calibration.lengths"] = mask.sum(1)
-        try:  # a reader that has just read the previous config still finds its tensors
-            previous = json.loads((directory / CONFIG_FILE).read_text()).get("tensors")
-        except (OSError, ValueError, AttributeError):
-            previous = None
         atomic_save_tensors(directory / tensor_file, tensors)
         config = self.config(tensor_file)
         config["tensors_sha256"] = sha256_file(directory / tensor_file)
         atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2))
-        for old in directory.glob("state-*.safetensors"):
-            if old.name not in (tensor_file, previous):
+        for old in directory.glob("state-*.safetensors"):  # a reader that has them open keeps reading them
+            if old.name != tensor_file:
                 old.unlink(missing_ok=True)
         return directory
 
@@ -387,7 +383,23 @@ class Editor:
     def load(cls, directory: str | Path, model, tokenizer, progress: bool = True) -> "Editor":
         """Resume a saved state onto a fresh copy of its base model (refuses any other model)."""
         directory = Path(directory)
-        config = read_config(directory)
+        name = None
+        for attempt in range(3):  # a writer may replace the state between reading its config and its tensors
+            try:
+                config = read_config(directory)
+                name = config["tensors"]
+                tensors = _read_tensors(directory, config)
+                break
+            except (StateError, FileNotFoundError) as err:
+                try:
+                    now = json.loads((directory / CONFIG_FILE).read_text()).get("tensors")
+                except (OSError, ValueError, AttributeError):
+                    now = None
+                if now is None or now == name or attempt == 2:  # not a replaced state: a real error
+                    if isinstance(err, FileNotFoundError):
+                        raise StateError(f"{directory}: tensor file {name!r} named in {CONFIG_FILE} is missing") from None
+                    raise
+                name = now
         fp = fingerprint(model)
         base = config["base_model"]
         if base.get("fingerprint") != fp:
@@ -399,7 +411,6 @@ class Editor:
             )
         # States saved before the span gate existed used the reference gate.
         hp = HParams.from_dict({"gate": "reference", **config["hparams"]})
-        tensors = _read_tensors(directory, config)
         layout = detect_layout(model)
         layers = {}
         for l in hp.layers:
@@ -435,6 +446,8 @@ def _read_tensors(directory: Path, config: dict[str, Any]) -> dict[str, torch.Te
     """The state's tensors, verified against the digest recorded at save time (states saved before digests
     were recorded are only checked for readability)."""
     path = directory / config["tensors"]
+    if not path.is_file():
+        raise FileNotFoundError(path)
     expected = config.get("tensors_sha256")
     if expected is not None and sha256_file(path) != expected:
         raise StateError(f"editor state in {directory} is damaged: {path.name} does not match the checksum "
