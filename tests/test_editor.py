@@ -460,6 +460,31 @@ def test_non_finite_batch_is_refused_and_state_untouched(new_editor, tokenizer, 
     assert all(bool(torch.isfinite(s.delta).all()) for s in editor.layers.values())
 
 
+def test_too_long_request_is_refused_before_editing(new_editor):
+    editor = new_editor("gpt2")  # 128 positions
+    snap = _snapshot(editor)
+    long_prompt = " ".join(["word"] * 200) + " of France"
+    with pytest.raises(RequestError, match=r"request 1: .*more than the model's 128 positions"):
+        editor.edit([R1, {"prompt": long_prompt, "subject": "France", "target_new": "Berlin"}])
+    _assert_state(editor, snap)
+
+
+def test_appended_eos_is_not_the_last_prompt_token(tokenizer):
+    from comeba.text import encode_prompt, subject_last_index
+
+    class AppendsEos:  # a tokenizer configured to end every encoding with EOS (add_eos_token=True)
+        eos_token_id = tokenizer.eos_token_id
+
+        def __call__(self, text, add_special_tokens=True):
+            ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+            return {"input_ids": ids + [self.eos_token_id] if add_special_tokens else ids}
+
+    plain = encode_prompt(tokenizer, "The capital city of France")
+    assert tokenizer.eos_token_id not in plain
+    assert encode_prompt(AppendsEos(), "The capital city of France") == plain
+    assert subject_last_index(AppendsEos(), "The capital city of {}", "France") == len(plain) - 1
+
+
 def test_load_onto_another_model_is_refused(new_editor, make_tiny, tokenizer, tmp_path):
     editor = new_editor("gpt2")
     editor.edit([R1])

@@ -23,14 +23,14 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from . import __version__
-from .compute import accumulate_keys, context_templates, solve_update, write_layers
+from .compute import accumulate_keys, context_templates, fill_template, solve_update, write_layers
 from .files import atomic_save_tensors, atomic_write_text, sha256_file, writer_lock
 from .hooks import HookLayers, HookWeights, SpanGate, gate_scores, hook_addition, span_gate, span_threshold
 from .hparams import HParams
 from .models import Layout, detect_layout, fingerprint, mlp_out_weight, num_layers
-from .requests import Request, make_requests
+from .requests import Request, RequestError, make_requests
 from .stats import Corpus, calibration_sample, default_corpus, load_or_compute_stats, samples_corpus
-from .text import encode_prompt, model_device, pad_batch, subject_last_index
+from .text import encode_prompt, encode_target, model_device, pad_batch, subject_last_index
 from .trace import trace
 from .values import target_values
 
@@ -238,6 +238,7 @@ class Editor:
         step succeeds (an error or an interrupt leaves it as it was).
         """
         batch = make_requests(requests)
+        self._check_lengths(batch)
         start = time.perf_counter()
         hp = self.hparams
         was_attached = self.attached
@@ -299,6 +300,20 @@ class Editor:
                 "alpha": {l: s.alpha for l, s in self.layers.items()}}
         log.info("batch %d: %d edits in %.1f s, alpha %s", self.n_batches, len(batch), seconds, info["alpha"])
         return info
+
+    def _check_lengths(self, batch: Sequence[Request]) -> None:
+        """Refuse a request whose longest rewriting prompt (context + prompt + target) exceeds the model's positions."""
+        limit = next((v for v in (getattr(self.model.config, k, None) for k in
+                      ("max_position_embeddings", "n_positions", "n_ctx")) if isinstance(v, int) and v > 0), None)
+        if limit is None:
+            return
+        for i, r in enumerate(batch):
+            target = len(encode_target(self.tokenizer, r.target_new))
+            longest = max(len(encode_prompt(self.tokenizer, fill_template(t, r).format(r.subject)))
+                          for t in self.templates) + target - 1
+            if longest > limit:
+                raise RequestError(f"request {i}: prompt and target take {longest} tokens with a context template, "
+                                   f"more than the model's {limit} positions; shorten the prompt")
 
     @torch.no_grad()
     def _calibrate(self, hooks: HookLayers, batch: Sequence[Request]) -> dict[int, float]:

@@ -21,8 +21,18 @@ def ensure_pad_token(tokenizer) -> None:
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Ids of a prompt as the model sees it at the start of a sequence (BOS if the tokenizer adds one)."""
-    return list(tokenizer(text)["input_ids"])
+    """Ids of a prompt as the model sees it at the start of a sequence (BOS if the tokenizer adds one).
+
+    A prompt is continued, never ended: an EOS that the tokenizer appends is dropped (otherwise
+    it would become the "last token" that keys, values and gates are read at).
+    """
+    ids = list(tokenizer(text)["input_ids"])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and len(ids) > 1 and ids[-1] == eos:
+        plain = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not plain or plain[-1] != eos:  # appended by the tokenizer, not written in the text
+            ids = ids[:-1]
+    return ids
 
 
 def encode_target(tokenizer, target: str) -> list[int]:
