@@ -132,7 +132,8 @@ def main(argv=None) -> int:
             if cuda:
                 torch.cuda.synchronize()
             row = {"edits_before": before, "n": len(batch), "seconds": round(time.perf_counter() - start, 3),
-                   "rss_mb": round(rss_mb(), 1)}
+                   "rss_mb": round(rss_mb(), 1), "at": time.strftime("%H:%M:%S"),
+                   "load_1min": round(os.getloadavg()[0], 2)}  # other work on the machine shows here
             if cuda:
                 row["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
             result["batches"].append(row)
