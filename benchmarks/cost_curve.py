@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stats-text", default=str(DATA / "wikitext-2" / "valid.txt"))
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--save-every", type=int, default=10, help="batches between saved states (resume points)")
+    p.add_argument("--save-every", type=int, default=5, help="batches between saved states (resume points)")
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--out-dir", default=None)
     p.add_argument("--report-only", action="store_true")

@@ -66,7 +66,8 @@ def report(args, out: Path) -> None:
     lines = ["# Target-value optimisers: quality and speed (dev consecutive cells, 200 edits, batches of 20)", "",
              "Written by `python benchmarks/optimizer_quality.py`. Embedded SmolLM2-135M, WikiText-2 statistics,",
              "span gate; reliability / generality / locality after all 200 edits; seconds per edit include the",
-             "gate calibration, not the evaluation.", "",
+             "gate calibration, not the evaluation. These cells ran beside other jobs on the 2 cores, so their",
+             "seconds are not speed figures: those are in benchmarks/profile.json (one run, side by side).", "",
              "| dataset | optimiser | reliability | generality | locality | false-open % | ppl ratio | s/edit | commit |",
              "|---|---|---|---|---|---|---|---|---|"]
     results: dict = {}
@@ -89,6 +90,13 @@ def report(args, out: Path) -> None:
             a, b = results[(dataset, "lbfgs")], results[(dataset, "adam")]
             diffs = ", ".join(f"{m} {a[m] - b[m]:+.1f}" for m in ("reliability", "generality", "locality"))
             lines.append(f"- {dataset}: lbfgs − adam: {diffs}")
+    if (("zsre", "adam") not in results and (ROOT / "benchmarks" / "runs" / "zsre-consecutive-comeba"
+                                              / "summary.json").exists()):
+        cell = json.loads((ROOT / "benchmarks" / "runs" / "zsre-consecutive-comeba" / "summary.json").read_text())
+        last = cell["checkpoints"][-1]
+        lines.append(f"- zsre adam was not run at this commit; the table's cell (benchmarks/runs/zsre-consecutive-comeba, "
+                     f"the same optimiser, before the speed work) has {last['reliability']:.1f} / "
+                     f"{last['generality']:.1f} / {last['locality']:.1f}")
     (out / "OPTIMIZER.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
