@@ -125,6 +125,9 @@ def test_target_values_match_per_chunk(setup):
 
 
 def test_unknown_optimiser_is_refused():
+    from comeba.hparams import OPTIMIZERS
+
+    assert set(OPTIMIZERS) == set(OPTIMISERS)  # the names hparams accept are the optimisers that exist
     with pytest.raises(HParamsError, match="v_optimizer"):
         HParams(v_optimizer="sgd")
 

@@ -95,26 +95,29 @@ def replay_layers(model, layout: Layout, last: int, output: Callable[[], torch.T
 
 
 @dataclass
-class Prefixes:
-    """Sequences cut after one position each and left-padded, so that position is the last column."""
+class Aligned:
+    """Sequences placed so that one position of each (its anchor) falls in one column, `anchor`:
+    left-padded before it, right-padded after it, with explicit positions (so padding changes nothing)."""
 
     ids: torch.Tensor
     mask: torch.Tensor
     positions: torch.Tensor
+    anchor: int
 
     @classmethod
-    def make(cls, sequences: Sequence[Sequence[int]], ends: Sequence[int], pad_id: int, device) -> "Prefixes":
-        width = max(e + 1 for e in ends)
+    def make(cls, sequences: Sequence[Sequence[int]], anchors: Sequence[int], pad_id: int, device) -> "Aligned":
+        anchor = max(anchors)
+        width = anchor + max(len(seq) - a for seq, a in zip(sequences, anchors))
         ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for i, (seq, e) in enumerate(zip(sequences, ends)):
-            ids[i, width - e - 1 :] = torch.tensor(list(seq[: e + 1]), dtype=torch.long)
-            mask[i, width - e - 1 :] = 1
+        for i, (seq, a) in enumerate(zip(sequences, anchors)):
+            ids[i, anchor - a : anchor - a + len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+            mask[i, anchor - a : anchor - a + len(seq)] = 1
         ids, mask = ids.to(device), mask.to(device)
-        return cls(ids, mask, (mask.cumsum(1) - 1).clamp(min=0))
+        return cls(ids, mask, (mask.cumsum(1) - 1).clamp(min=0), anchor)
 
 
-def forward_from(model, layout: Layout, batch: Prefixes, start: int, stream: torch.Tensor | None, read: str,
+def forward_from(model, layout: Layout, batch: Aligned, start: int, stream: torch.Tensor | None, read: str,
                  *, inputs: bool, rows: torch.Tensor | None = None) -> torch.Tensor:
     """The input (or output) of module `read` at every position of `batch`, starting at decoder layer `start`.
 
@@ -138,15 +141,17 @@ def forward_from(model, layout: Layout, batch: Prefixes, start: int, stream: tor
 # --------------------------------------------------------------------------- keys and outputs
 
 
-def key_prefixes(tokenizer, requests: Sequence[Request], templates: Sequence[str], device) -> Prefixes:
-    """Each request's prompt in every context template, cut after the subject's last token (request-major)."""
+def key_prefixes(tokenizer, requests: Sequence[Request], templates: Sequence[str], device) -> Aligned:
+    """Each request's prompt in every context template, cut after the subject's last token, which is then the
+    last column (request-major)."""
     seqs, ends = [], []
     for req in requests:
         for tmpl in templates:
             filled = fill_template(tmpl, req)
-            seqs.append(encode_prompt(tokenizer, filled.format(req.subject)))
-            ends.append(subject_last_index(tokenizer, filled, req.subject))
-    return Prefixes.make(seqs, ends, tokenizer.pad_token_id, device)
+            end = subject_last_index(tokenizer, filled, req.subject)
+            seqs.append(encode_prompt(tokenizer, filled.format(req.subject))[: end + 1])
+            ends.append(end)
+    return Aligned.make(seqs, ends, tokenizer.pad_token_id, device)
 
 
 def combine_keys(k: torch.Tensor, n_templates: int) -> torch.Tensor:

@@ -439,9 +439,9 @@ class Editor:
             c0 = tensors.get(f"c0.{l}")
             if hp.gate == "span" and (c0 is None or c0.shape != c_accu.shape):
                 raise StateError(f"editor state in {directory} lacks the span gate's C0 of layer {l}")
-            for name, t in (("ΔW", delta), ("C_accu", c_accu), ("C0", c0)):
+            for what, t in (("ΔW", delta), ("C_accu", c_accu), ("C0", c0)):
                 if t is not None and not bool(torch.isfinite(t).all()):
-                    raise StateError(f"editor state in {directory} is damaged: {name} of layer {l} holds NaN or "
+                    raise StateError(f"editor state in {directory} is damaged: {what} of layer {l} holds NaN or "
                                      "infinite values; it was not loaded")
             layers[l] = LayerState(delta.to(w0.device, torch.float32), c_accu.to(w0.device, torch.float64),
                                    float(config["alpha"][str(l)]),

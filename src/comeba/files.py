@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 TMP_PREFIX = ".tmp-"
 
 
-class LockedError(RuntimeError):
-    """Another process is writing the same folder."""
+class LockedError(OSError):
+    """Another process is writing the same folder (an OSError, like other "resource busy" conditions)."""
 
 
 def _umask() -> int:

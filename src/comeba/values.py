@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .compute import KL_PROMPT, fill_template, replay_layers
+from .compute import KL_PROMPT, Aligned, fill_template, replay_layers
 from .hparams import HParams
 from .models import Layout, cache_kwarg, get_module
 from .requests import Request
@@ -124,19 +124,13 @@ class _Objective:
         self.cache_kw = cache_kwarg(model)
         seqs = _rewrite_sequences(tokenizer, requests, templates)
         self.n, self.n_seq = n, n_seq = len(requests), len(seqs.ids)
-        pad = tokenizer.pad_token_id
 
         # Layout [left-padded prefix | right-padded suffix], the suffix starting at the subject's last token.
-        self.P = P = max(seqs.lookup)
+        aligned = Aligned.make(seqs.ids, seqs.lookup, tokenizer.pad_token_id, device)
+        self.ids, self.mask, self.positions, self.P = aligned.ids, aligned.mask, aligned.positions, aligned.anchor
+        P = self.P
         self.suffix_len = [len(ids) - lk for ids, lk in zip(seqs.ids, seqs.lookup)]
         S = max(self.suffix_len)
-        ids = torch.full((n_seq, P + S), pad, dtype=torch.long)
-        mask = torch.zeros((n_seq, P + S), dtype=torch.long)
-        for i, (row, lk) in enumerate(zip(seqs.ids, seqs.lookup)):
-            ids[i, P - lk : P + len(row) - lk] = torch.tensor(row)
-            mask[i, P - lk : P + len(row) - lk] = 1
-        self.ids, self.mask = ids.to(device), mask.to(device)
-        self.positions = (self.mask.cumsum(1) - 1).clamp(min=0)
 
         cache = new_cache(model)
         # One pass over the whole sequences (the caller's hooks active): l_n's output and the prefix cache.
@@ -154,18 +148,11 @@ class _Objective:
         # Target tokens in suffix coordinates: (sequence, position, token id).
         self.tgt = torch.tensor([(i, p - seqs.lookup[i], t) for i in range(n_seq) for p, t in seqs.targets[i]],
                                 device=device)
-        self.is_kl = torch.tensor(seqs.is_kl, device=device)
-        self.template = torch.tensor([(i % (len(templates) + 1)) for i in range(n_seq)], device=device)
-        self.use_templates(len(templates))
+        self.n_prompts = torch.zeros(n, device=device).index_add(  # rewriting prompts per request
+            0, self.owner, torch.tensor([0.0 if k else 1.0 for k in seqs.is_kl], device=device))
         self.kl_seq = torch.tensor([i for i in range(n_seq) if seqs.is_kl[i]], device=device)
         self.kl_init: torch.Tensor | None = None  # log p at δ = 0, per request (set by the first evaluation)
         self.max_norm = hp.clamp_norm_factor * self.h_init.norm(dim=-1, keepdim=True)
-
-    def use_templates(self, k: int) -> None:
-        """Score only the first `k` rewriting prompts of each request (and its KL prompt)."""
-        self.seq_live = self.is_kl | (self.template < k)
-        self.n_prompts = torch.zeros(self.n, device=self.device).index_add(
-            0, self.owner, (self.seq_live & ~self.is_kl).float())
 
     def project(self, delta: torch.Tensor) -> torch.Tensor:
         """Into the ball of radius clamp_norm_factor·‖h‖ (per request)."""
@@ -203,7 +190,7 @@ class _Objective:
         + v_weight_decay · ‖δ‖ / ‖h‖².
         """
         hp, device, n = self.hp, self.device, self.n
-        live_seq = (active[self.owner] & self.seq_live).nonzero().squeeze(1).tolist()
+        live_seq = active[self.owner].nonzero().squeeze(1).tolist()
         seq_lp = torch.zeros(self.n_seq, device=device)
         kl_logp: dict[int, torch.Tensor] = {}
         for group in length_groups([self.suffix_len[i] for i in live_seq]):
