@@ -18,7 +18,7 @@ Measures, with torch on --threads threads (default 2):
       with the hooks attached, and which of those (unrelated) answers the hooks changed;
   (f) a full checksum of the base weights before and after everything (must be equal).
 
-Writes --out (default benchmarks/core.json) and prints a table.
+Writes --out (default benchmarks/results/core/core.json) and prints a table.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gen-tokens", type=int, default=32, help="new tokens per generation prompt (default 32)")
     p.add_argument("--repeats", type=int, default=2, help="timed generation passes per condition; the best is kept")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "core.json"), help="JSON output file")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "core" / "core.json"),
+                   help="JSON output file (default benchmarks/results/core/core.json)")
     return p.parse_args(argv)
 
 
@@ -76,11 +77,11 @@ def timed(into: dict, key: str):
 
 
 def state_bytes(path: Path) -> tuple[int, int]:
-    """(tensor file bytes, config bytes) of a saved state; the config's length varies with its numbers."""
-    from comeba.editor import CONFIG_FILE
+    """(tensor files' bytes, config bytes) of a saved state; the config's length varies with its numbers."""
+    from comeba.adapter import ADAPTER_CONFIG
 
-    tensors = sum(f.stat().st_size for f in path.glob("state-*.safetensors"))
-    return tensors, (path / CONFIG_FILE).stat().st_size
+    tensors = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return tensors, (path / ADAPTER_CONFIG).stat().st_size
 
 
 def peak_rss_mb() -> float:
@@ -159,9 +160,9 @@ def main(argv=None) -> int:
                                                       hp.mom2_dtype, model_fp=fp, progress=False)
             stats_tokens = next(iter(provenance["layers"].values()))["n_tokens"]
             assert not any(m.get("cached") for m in provenance["layers"].values()), "statistics came from a cache"
-            # Editor.create now finds the statistics in the cache: what is left is the context templates.
+            # Editor() now finds the statistics in the cache: what is left is the context templates.
             with timed(results, "editor_create_s"):
-                editor = Editor.create(model, tokenizer, hp, corpus=corpus, progress=False)
+                editor = Editor(model, tokenizer, hp, corpus=corpus, progress=False)
         finally:
             if old_home is None:
                 os.environ.pop("COMEBA_HOME", None)
@@ -187,14 +188,14 @@ def main(argv=None) -> int:
             # (d) state size after one batch, then after a second one.
             state = tmp / "state"
             with timed(results, "save_s"):
-                editor.save(state)
+                editor.save_pretrained(state)
             size1, config1 = state_bytes(state)
             info2 = editor.edit(batch2)
             stages2 = dict(stages)
         finally:
             for name, fn in originals.items():
                 setattr(editor_mod, name, fn)
-        editor.save(state)
+        editor.save_pretrained(state)
         size2, config2 = state_bytes(state)
         n_files = len(list(state.iterdir()))
 

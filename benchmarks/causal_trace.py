@@ -1,6 +1,6 @@
 """Causal tracing of the embedded model's MLPs: which layers carry a fact at the subject's last token.
 
-    python benchmarks/causal_trace.py            # ~10 min on 2 CPU cores; writes benchmarks/causal_trace.{json,png,md}
+    python benchmarks/causal_trace.py            # ~10 min on 2 CPU cores; writes benchmarks/results/causal_trace/causal_trace.{json,png,md}
 
 Evidence for the edited layers (issue 3.6), after Meng et al. (ROME, 2022):
 for a CounterFact fact the model knows, run the prompt with Gaussian noise
@@ -53,7 +53,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--noise", type=float, default=3.0, help="noise std in embedding stds (default 3)")
     p.add_argument("--model", default="embedded")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "causal_trace"), help="output path without suffix")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "causal_trace" / "causal_trace"),
+                   help="output path without suffix (default benchmarks/results/causal_trace/causal_trace)")
     return p.parse_args()
 
 
@@ -156,6 +157,7 @@ def main() -> None:
         "command": "python benchmarks/causal_trace.py " + " ".join(sys.argv[1:]),
     }
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     write_report(result, out)
     print(f"{len(facts)} facts, p(true) clean {result['mean_p_clean']:.3f}, corrupted {result['mean_p_corrupted']:.3f}")
@@ -187,7 +189,7 @@ def write_report(res: dict, out: Path) -> None:
         f"{res['samples']} samples per fact; windows of {res['window']} MLP layers restored at the subject's last "
         f"token. Mean P(true): clean {res['mean_p_clean']:.3f}, corrupted {res['mean_p_corrupted']:.3f}.",
         "",
-        "![causal trace](causal_trace.png)",
+        f"![causal trace]({out.with_suffix('.png').name})",
         "",
         "| layer | indirect effect | ± s.e. | share of the clean–corrupted gap |",
         "|---:|---:|---:|---:|",

@@ -1,11 +1,13 @@
 """Do unrelated prompts keep their exact greedy continuation under a saved state's hooks?
 
     comeba edit --edits EDITS.json --batch-size 20 --state DIR --stats-text ../shared/data/wikitext-2/valid.txt
-    python benchmarks/controls.py DIR [--tokens 20] [--out FILE.json]
+    python benchmarks/controls.py DIR [--tokens 20] [--out benchmarks/results/controls/NAME.json]
 
 The control prompts are the `locality_prompt`s of examples/edits.json (the README
 demo's unrelated prompts). For each: the greedy continuation of the unedited
 model and with the state's hooks, and whether any gate opened on its tokens.
+Results kept in the repository go to benchmarks/results/controls/ (the README's
+200-edit figure: controls-dev200.json).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from comeba.editor import Editor, greedy_generate, read_config  # noqa: E402
+from comeba.adapter import read_config  # noqa: E402
+from comeba.editor import Editor, greedy_generate  # noqa: E402
 from comeba.models import load_model  # noqa: E402
 from comeba.text import encode_prompt  # noqa: E402
 
@@ -33,7 +36,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     config = read_config(args.state)
     model, tok = load_model(config["base_model"]["name_or_path"] or "embedded")
-    editor = Editor.load(args.state, model, tok, progress=False)
+    editor = Editor.from_pretrained(model, tok, args.state, progress=False)
     prompts = [r["locality_prompt"] for r in json.loads((ROOT / "examples" / "edits.json").read_text())]
     before = greedy_generate(model, tok, prompts, args.tokens)
     rows = []
@@ -56,6 +59,7 @@ def main(argv=None) -> int:
     print(f"{kept} of {len(rows)} control prompts keep their {args.tokens}-token greedy continuation "
           f"after {editor.n_edits} edits ({editor.hparams.gate} gate)")
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return 0
 

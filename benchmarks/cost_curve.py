@@ -11,7 +11,7 @@ seconds, the process's resident memory (and CUDA peak memory on a GPU). At
 the end: greedy generation throughput with the hooks of all edits attached
 against without them. The state is saved every --save-every batches, so an
 interrupted run resumes from there. Writes OUT/cost.json and OUT/cost.png
-(OUT: benchmarks/speed/cost-<n>-<batch size>-<device> by default).
+(OUT: benchmarks/results/speed/cost-<n>-<batch size>-<device> by default).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = Path(args.out_dir or ROOT / "benchmarks" / "speed" / f"cost-{args.n}-{args.batch_size}-{device}")
+    out = Path(args.out_dir or ROOT / "benchmarks" / "results" / "speed" / f"cost-{args.n}-{args.batch_size}-{device}")
     out.mkdir(parents=True, exist_ok=True)
     result_file = out / "cost.json"
     if args.report_only:
@@ -108,11 +108,11 @@ def main(argv=None) -> int:
     state = out / "state"
     result = json.loads(result_file.read_text()) if result_file.exists() and state.exists() else None
     if result is not None:
-        editor = Editor.load(state, model, tokenizer, progress=False)
+        editor = Editor.from_pretrained(model, tokenizer, state, progress=False)
         result["batches"] = [r for r in result["batches"] if r["edits_before"] < editor.n_edits]
         print(f"resuming after {editor.n_edits} edits", flush=True)
     else:
-        editor = Editor.create(model, tokenizer, HParams(), corpus=text_corpus([args.stats_text]), progress=False)
+        editor = Editor(model, tokenizer, HParams(), corpus=text_corpus([args.stats_text]), progress=False)
         result = {"benchmark": "cost_curve", "commit": git_commit(), "cpu": cpu_model(), "device": device,
                   "threads": args.threads, "batch_size": args.batch_size, "n": args.n, "data": args.data,
                   "batches": []}
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
             bar.update(len(batch))
             bar.set_postfix(s_per_edit=f"{row['seconds'] / len(batch):.2f}")
             if editor.n_batches % args.save_every == 0 or editor.n_edits >= len(requests):
-                editor.save(state)
+                editor.save_pretrained(state)
                 result_file.write_text(json.dumps(result, indent=1) + "\n")
         bar.close()
     except KeyboardInterrupt:

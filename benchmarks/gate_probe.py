@@ -8,7 +8,11 @@ computes them, on the unedited model), form C_accu = λC0 + Σ K Kᵀ, and score
 The threshold is the (1 − ε) quantile on a held-back calibration sample (end of WikiText-2 valid,
 not in the statistics' first 100k tokens); every other rate is measured on other text.
 
-    python benchmarks/gate_probe.py --sizes 20 200 1000 2000 --out benchmarks/gate_probe.json
+    python benchmarks/gate_probe.py --sizes 20 200 1000 2000 --out benchmarks/results/gate_probe/gate_probe.json
+
+Writes every row to --out (default benchmarks/results/gate_probe/gate_probe.json) and prints
+each row's ε = 1e-3 columns as one JSON line; benchmarks/results/gate_probe/gate_probe.jsonl
+holds those printed lines from the run the README quotes.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[20, 200, 1000, 2000])
     ap.add_argument("--eps", type=float, nargs="+", default=[1e-3, 1e-4])
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "gate_probe.json"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gate_probe" / "gate_probe.json"))
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -141,6 +145,7 @@ def main() -> None:
                 results.append(row)
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                                   if k.startswith("eps0.001_") or not k.startswith("eps")}), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
 
 

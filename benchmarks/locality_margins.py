@@ -1,6 +1,6 @@
 """Which locality prompts an edit run changed, against how sure the unedited model was of them.
 
-    python benchmarks/locality_margins.py benchmarks/runs/counterfact-consecutive-comeba
+    python benchmarks/locality_margins.py benchmarks/results/table/runs/counterfact-consecutive-comeba
 
 Reads a finished `comeba eval` folder (its records.jsonl and run settings),
 recomputes on the unedited embedded model the lead of the top next-token
@@ -21,8 +21,8 @@ import torch
 
 from comeba import metrics as M
 from comeba.data import load_dataset_spec
-from comeba.evaluate import locality_prompts
 from comeba.models import load_model
+from comeba.scoring import locality_prompts
 
 
 def main() -> None:

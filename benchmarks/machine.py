@@ -13,7 +13,7 @@ def git_commit() -> str:
     """HEAD of the repository, marked when the code it runs has uncommitted changes.
 
     Only the code counts (src/, pyproject.toml, benchmarks/*.py): the results the
-    benchmarks themselves write (RESULTS.md, plots, runs) change while they run.
+    benchmarks themselves write (under benchmarks/results/) change while they run.
     """
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,

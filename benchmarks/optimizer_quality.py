@@ -11,7 +11,7 @@ adam` (the reference schedule) of this commit, each one resumable ``comeba
 eval`` run in OUT/<dataset>-<optimizer>/. Writes OUT/OPTIMIZER.md: reliability,
 generality, locality, false-open and seconds per edit side by side, and the
 differences (the issue asks for all three within 1 point). OUT is
-benchmarks/speed by default.
+benchmarks/results/speed by default.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--datasets", nargs="+", choices=tuple(DATASETS), default=list(DATASETS))
     p.add_argument("--optimizers", nargs="+", choices=("lbfgs", "adam"), default=["lbfgs", "adam"])
     p.add_argument("--n", type=int, default=200)
-    p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "speed"))
+    p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results" / "speed"))
     p.add_argument("--report-only", action="store_true")
     return p.parse_args(argv)
 
@@ -47,7 +47,7 @@ def run_cell(args, dataset: str, optimizer: str, out: Path) -> None:
     (folder.parent / f"{folder.name}.yaml").write_text(f"v_optimizer: {optimizer}\n")
     cmd = ["comeba", "eval", "--method", "comeba", "--protocol", "consecutive",
            "--data", f"{dataset}:{DATA / DATASETS[dataset]}", "--n", str(args.n), "--batch-size", "20",
-           "--checkpoint-every", "5", "--pre-cache", str(ROOT / "benchmarks" / "runs" / f"{dataset}-pre.json"),
+           "--checkpoint-every", "5", "--pre-cache", str(ROOT / "benchmarks" / "results" / "table" / "runs" / f"{dataset}-pre.json"),
            "--stats-text", str(DATA / "wikitext-2" / "valid.txt"), "--stats-tokens", "100000", "--gate", "span",
            "--diagnostics-text", str(DATA / "wikitext-2" / "test.txt"),
            "--hparams", str(folder.parent / f"{folder.name}.yaml"), "--out", str(folder)]
@@ -67,7 +67,7 @@ def report(args, out: Path) -> None:
              "Written by `python benchmarks/optimizer_quality.py`. Embedded SmolLM2-135M, WikiText-2 statistics,",
              "span gate; reliability / generality / locality after all 200 edits; seconds per edit include the",
              "gate calibration, not the evaluation. These cells ran beside other jobs on the 2 cores, so their",
-             "seconds are not speed figures: those are in benchmarks/profile.json (one run, side by side).", "",
+             "seconds are not speed figures: those are in benchmarks/results/profile/profile.json (one run, side by side).", "",
              "| dataset | optimiser | reliability | generality | locality | false-open % | ppl ratio | s/edit | commit |",
              "|---|---|---|---|---|---|---|---|---|"]
     results: dict = {}
@@ -90,11 +90,11 @@ def report(args, out: Path) -> None:
             a, b = results[(dataset, "lbfgs")], results[(dataset, "adam")]
             diffs = ", ".join(f"{m} {a[m] - b[m]:+.1f}" for m in ("reliability", "generality", "locality"))
             lines.append(f"- {dataset}: lbfgs − adam: {diffs}")
-    if (("zsre", "adam") not in results and (ROOT / "benchmarks" / "runs" / "zsre-consecutive-comeba"
+    if (("zsre", "adam") not in results and (ROOT / "benchmarks" / "results" / "table" / "runs" / "zsre-consecutive-comeba"
                                               / "summary.json").exists()):
-        cell = json.loads((ROOT / "benchmarks" / "runs" / "zsre-consecutive-comeba" / "summary.json").read_text())
+        cell = json.loads((ROOT / "benchmarks" / "results" / "table" / "runs" / "zsre-consecutive-comeba" / "summary.json").read_text())
         last = cell["checkpoints"][-1]
-        lines.append(f"- zsre adam was not run at this commit; the table's cell (benchmarks/runs/zsre-consecutive-comeba, "
+        lines.append(f"- zsre adam was not run at this commit; the table's cell (benchmarks/results/table/runs/zsre-consecutive-comeba, "
                      f"the same optimiser, before the speed work) has {last['reliability']:.1f} / "
                      f"{last['generality']:.1f} / {last['locality']:.1f}")
     (out / "OPTIMIZER.md").write_text("\n".join(lines) + "\n")

@@ -15,7 +15,7 @@ reference optimiser (`v_optimizer: adam`) of this commit. --baseline COMMIT
 times the same batches with the code of an earlier commit (extracted with
 `git archive` into a temporary folder and imported from there, in a
 subprocess), so the speed-up is a ratio measured in one run on one machine.
-Writes --out (default benchmarks/profile.json) and prints a table.
+Writes --out (default benchmarks/results/profile/profile.json) and prints a table.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stats-text", default=str(DATA / "wikitext-2" / "valid.txt"))
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "profile.json"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "profile" / "profile.json"))
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: JSON job for a subprocess
     return p.parse_args(argv)
 
@@ -84,7 +84,7 @@ def worker(job: dict) -> dict:
     hp = HParams(**job.get("hparams", {}))
     size, batches = job["size"], job["batches"]
     requests = load_counterfact(job["counterfact"], offset=0, n=size * batches).requests
-    editor = Editor.create(model, tokenizer, hp, corpus=text_corpus([job["stats_text"]]), progress=False)
+    editor = Editor(model, tokenizer, hp, corpus=text_corpus([job["stats_text"]]), progress=False)
     phases: dict = {}
     passes: list[int] = []
     patches = [(editor_mod, "target_values"), (editor_mod, "write_layers"), (Editor, "_calibrate")]

@@ -35,12 +35,13 @@ Each cell holds a lock while it runs, so on a machine with cores to spare two
 invocations can share the table (``--threads 1`` each): the second skips the
 cell the first is running.
 
-OUT is --out-dir (default: benchmarks/). Finished cells under
-``benchmarks/runs/`` are committed with RESULTS.md and plots/, so the table is
-rebuilt (--report-only) and resumed from any checkout; a running cell's resume
-state, progress file and lock are not (.gitignore). Each cell's console output
-goes to ``OUT/runs/<cell>.log`` and its command, commit, times and the load
-average at its start to ``OUT/runs/<cell>.json``.
+OUT is --out-dir (default: benchmarks/results/table/). Finished cells under
+``benchmarks/results/table/runs/`` are committed with RESULTS.md and plots/, so
+the table is rebuilt (--report-only) and resumed from any checkout; a running
+cell's resume state, progress file and lock are not (.gitignore). Each cell's
+command, commit, times and the load average at its start go to
+``OUT/runs/<cell>.json`` (committed); its console output, progress bars
+included, to ``OUT/runs/<cell>.log`` (not committed: .gitignore).
 """
 
 from __future__ import annotations
@@ -61,24 +62,26 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
+from comeba import methods as registry
 from machine import cpu_model, git_commit  # noqa: E402 (benchmarks/ is sys.path[0])
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
-DEFAULT_OUT = ROOT / "benchmarks"
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "table"
 
-METHODS = ("comeba", "comeba-reference", "no-hook", "memit", "seq-memit", "alphaedit")
-# Table method -> (comeba eval --method, comeba's gate or None): comeba-reference is comeba with the
+# comeba eval's methods (comeba.methods), with comeba-reference after comeba: comeba with the
 # authors' z-score gate (`--gate reference`), the paper's method as published.
+METHODS = (registry.METHODS[0], "comeba-reference", *registry.METHODS[1:])
+PROTOCOLS = registry.PROTOCOLS
+# Table method -> (comeba eval --method, comeba's gate or None).
 EVAL_METHOD = {"comeba": ("comeba", "span"), "comeba-reference": ("comeba", "reference")}
 DIAGNOSTICS_TEXT = "wikitext-2/test.txt"
-PROTOCOLS = ("consecutive", "single")
 DATASETS = {  # name -> (comeba eval kind, file under --data-dir, title)
     "counterfact": ("counterfact", "counterfact/counterfact-dev.json", "CounterFact"),
     "zsre": ("zsre", "zsre/zsre-dev.json", "zsRE"),
 }
 STATS_TEXT = "wikitext-2/valid.txt"
-# MEMIT and sequential MEMIT are one editor; the protocol decides (comeba.evaluate.METHOD_NOTES).
+# MEMIT and sequential MEMIT are one editor; the protocol decides (comeba.methods.REGISTRY).
 SAME_AS = {("memit", "consecutive"): "seq-memit", ("seq-memit", "single"): "memit"}
 
 # (summary key, column title, format); fluency is in bits, the rest in percent.
@@ -116,7 +119,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder holding counterfact/, zsre/, wikitext-2/ "
                                                                   "(default ../shared/data)")
     p.add_argument("--out-dir", default=str(DEFAULT_OUT),
-                   help="where runs/, plots/ and RESULTS.md go (default benchmarks/)")
+                   help="where runs/, plots/ and RESULTS.md go (default benchmarks/results/table/)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per cell (OMP_NUM_THREADS; default: torch's own default)")
     p.add_argument("--report-only", action="store_true", help="run nothing; rewrite RESULTS.md and the plots")

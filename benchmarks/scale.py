@@ -12,7 +12,7 @@ evaluated over all edits so far every --checkpoint-every batches. Methods:
 z-score gate), ``seq-memit`` and ``alphaedit``. Interrupt it any time and run
 the same command again: finished runs are skipped, an interrupted one resumes
 from its last checkpoint. Writes OUT/<n>/<method>/ (the runs), OUT/<n>/scale.png
-and OUT/<n>/SCALE.md (OUT: benchmarks/scale by default).
+and OUT/<n>/SCALE.md (OUT: benchmarks/results/scale by default).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stats-tokens", type=int, default=100_000)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the runs")
-    p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "scale"))
+    p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results" / "scale"))
     p.add_argument("--report-only", action="store_true")
     return p.parse_args(argv)
 

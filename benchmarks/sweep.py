@@ -7,9 +7,11 @@ Evidence for the defaults (issue 3.6): each point edits CounterFact dev
 records --offset.. (default 1000, outside the 0-199 slice of the benchmark
 table) in consecutive batches and evaluates all of them after the last batch
 (teacher-forced reliability, generality, locality). Statistics: WikiText-2
-valid, as the table. A finished point is kept in benchmarks/sweep/<point>/ and
-skipped when the script runs again; the table goes to benchmarks/SWEEP.md and
-sweep.json. Only ../shared/data is read.
+valid, as the table. Everything goes to --out-dir (default
+benchmarks/results/sweep/): a finished point is kept in OUT/<point>/ and
+skipped when the script runs again, the unedited model's evaluation of the
+records in OUT/pre-<offset>-<n>.json, the table in OUT/SWEEP.md and
+OUT/sweep.json. Only ../shared/data is read.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=20)
     p.add_argument("--stats-tokens", type=int, default=100_000)
     p.add_argument("--data-dir", default=str(DATA))
-    p.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
+    p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results" / "sweep"),
+                   help="where the points, SWEEP.md and sweep.json go (default benchmarks/results/sweep/)")
     return p.parse_args()
 
 
@@ -61,6 +64,7 @@ def main() -> None:
     corpus = text_corpus([data / "wikitext-2" / "valid.txt"])
     settings = Settings(counterfact=True, generation=False, fluency_tokens=0)
     out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     points = []
     for layers in args.layers:
         for lam in args.lambdas:
@@ -71,8 +75,8 @@ def main() -> None:
                 t = time.perf_counter()
                 s = evaluate(model, tok, requests, method="comeba", protocol="consecutive", hparams=hp,
                              corpus=corpus, batch_size=args.batch_size, checkpoint_every=10**6,
-                             settings=settings, out=out / "sweep" / name,
-                             pre_cache=out / "sweep" / f"pre-{args.offset}-{args.n}.json")
+                             settings=settings, out=out / name,
+                             pre_cache=out / f"pre-{args.offset}-{args.n}.json")
                 alphas = (s.get("method_info") or {}).get("alpha")
                 points.append({"point": name, "layers": layer_range(layers), "lambda": lam, "alpha0": alpha,
                                "post": s["post"], "pre": s["pre"], "final_alpha": alphas,

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from comeba import models
-from comeba.cli import DTYPES, main, taken
+from comeba.cli import DTYPES, main
+from comeba.reporting import taken
 from tiny import make_model
 
 HPARAMS_YAML = """\
@@ -90,7 +91,7 @@ def _snapshot(folder: Path) -> dict[str, str]:
 
 
 def _config(folder: Path) -> dict:
-    return json.loads((folder / "comeba_config.json").read_text())
+    return json.loads((folder / "adapter_config.json").read_text())
 
 
 def _error_line(capsys) -> str:
@@ -115,11 +116,15 @@ def test_edit_creates_state_then_resumes(files, model_dir, capsys):
     assert "edits taken: " in out and "/2 (answer starts with the new target" in out
     assert "rephrases taken: " in out and "controls unchanged: " in out
     assert "The Eiffel Tower is in the city of" in out and "Rome (was Paris)" in out
+    assert f"the edited state is in {files['state']}" in out
+    assert f"comeba generate --state {files['state']} " in out
     config = _config(files["state"])
     assert config["n_batches"] == 1 and config["n_edits"] == 2
-    assert config["layers"] == [1, 2]
+    assert sorted(m["layer"] for m in config["modules"].values()) == [1, 2] == config["hparams"]["layers"]
     assert config["base_model"]["name_or_path"] == str(model_dir)
-    assert config["statistics"]["corpus"].startswith("local text")
+    from comeba.adapter import read_state
+
+    assert read_state(files["state"]).editing["statistics"]["corpus"].startswith("local text")
 
     # Resume: no --hparams, one more batch written on top; the base model comes from the state.
     args = _edit(files, model_dir, "more")
@@ -130,7 +135,8 @@ def test_edit_creates_state_then_resumes(files, model_dir, capsys):
     assert "(from the saved state)" in out
     config = _config(files["state"])
     assert config["n_batches"] == 2 and config["n_edits"] == 3
-    assert len(list(files["state"].glob("state-*.safetensors"))) == 1
+    assert sorted(p.name for p in files["state"].iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "editor_state.safetensors"]
 
 
 def test_batch_size_splits_into_consecutive_batches(files, model_dir, capsys):

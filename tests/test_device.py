@@ -16,9 +16,11 @@ import torch
 from comeba.cli import main
 from comeba.compute import context_templates
 from comeba.editor import Editor
-from comeba.evaluate import CORE, METHODS, Settings, evaluate
+from comeba.evaluate import Settings, evaluate
 from comeba.hparams import HParams
+from comeba.methods import METHODS
 from comeba.models import detect_layout, fingerprint, resolve_device, weights_checksum
+from comeba.scoring import CORE
 from comeba.stats import compute_second_moments, text_corpus
 from test_editor import HP as EDITOR_HP
 from test_editor import R1, R2, R3, _p_first
@@ -84,7 +86,7 @@ def test_edits_match_the_cpu_and_the_state_moves_between_devices(make_tiny, toke
     """Given the same context templates (sampled per device), both devices write the same edit."""
     cpu, gpu = _pair(make_tiny, arch)
     hp = HParams(**EDITOR_HP)
-    e_cpu = Editor.create(cpu, tokenizer, hp, corpus=corpus, progress=False)
+    e_cpu = Editor(cpu, tokenizer, hp, corpus=corpus, progress=False)
     c0 = {l: s.c_accu / hp.mom2_update_weight for l, s in e_cpu.layers.items()}
     e_gpu = Editor.from_statistics(gpu, tokenizer, hp, c0, templates=e_cpu.templates, progress=False)
     for ed, model in ((e_cpu, cpu), (e_gpu, gpu)):
@@ -105,13 +107,13 @@ def test_edits_match_the_cpu_and_the_state_moves_between_devices(make_tiny, toke
         assert _p_first(gpu, tokenizer, R1) > 1.2 * unedited
 
     # saved on the GPU, resumed on the CPU (and back): the same tensors, the same answers
-    e_gpu.save(tmp_path / "state")
-    back = Editor.load(tmp_path / "state", cpu, tokenizer, progress=False)
+    e_gpu.save_pretrained(tmp_path / "state")
+    back = Editor.from_pretrained(cpu, tokenizer, tmp_path / "state", progress=False)
     for l in hp.layers:
         assert back.layers[l].delta.device.type == "cpu"
         assert torch.equal(back.layers[l].delta, e_gpu.layers[l].delta.cpu())
         assert torch.equal(back.layers[l].c_accu, e_gpu.layers[l].c_accu.cpu())
-    again = Editor.load(tmp_path / "state", gpu, tokenizer, progress=False)
+    again = Editor.from_pretrained(gpu, tokenizer, tmp_path / "state", progress=False)
     with again.applied():
         p_again = _p_first(gpu, tokenizer, R1)
     with e_gpu.applied():
@@ -124,7 +126,7 @@ def test_half_precision_models_edit_on_the_gpu(make_tiny, tokenizer, corpus, dty
     """A large model is loaded in half precision: the float32/float64 editor state works beside it."""
     _, gpu = _pair(make_tiny, "llama", dtype)
     before = weights_checksum(gpu)
-    ed = Editor.create(gpu, tokenizer, HParams(**EDITOR_HP), corpus=corpus, progress=False)
+    ed = Editor(gpu, tokenizer, HParams(**EDITOR_HP), corpus=corpus, progress=False)
     unedited = [_p_first(gpu, tokenizer, r) for r in (R1, R2, R3)]
     ed.edit([R1, R2, R3])
     ed.edit([{"prompt": "The first album of the band", "subject": "the band", "target_new": "Paris"}])

@@ -11,7 +11,10 @@ import torch
 
 from comeba.models import cache_kwarg
 
-from comeba.editor import CONFIG_FILE, Editor, LayerState, StateError, batch_gate_maxima
+from comeba.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EDITING_STATE, StateError, load_edits
+from comeba.editor import Editor
+from comeba.gate import batch_gate_maxima
+from comeba.hooks import LayerState
 from comeba.hparams import HParams
 from comeba.models import weights_checksum
 from comeba.requests import RequestError
@@ -58,7 +61,7 @@ def new_editor(make_tiny, tokenizer, corpus_file):
 
     def _make(arch: str, seed: int = 0, **changes) -> Editor:
         model = make_tiny(arch, seed=seed)
-        return Editor.create(model, tokenizer, HParams(**{**HP, **changes}), corpus=text_corpus([corpus_file]),
+        return Editor(model, tokenizer, HParams(**{**HP, **changes}), corpus=text_corpus([corpus_file]),
                              progress=False)
 
     return _make
@@ -83,7 +86,7 @@ def _logits(model, tokenizer, text):
 
 def _snapshot(editor):
     return (
-        {l: LayerState(s.delta.clone(), s.c_accu.clone(), s.alpha) for l, s in editor.layers.items()},
+        {l: LayerState(s.delta.clone(), s.alpha, c_accu=s.c_accu.clone()) for l, s in editor.layers.items()},
         editor.n_batches,
         editor.n_edits,
         list(editor.templates),
@@ -315,10 +318,10 @@ def test_edited_generation_with_cache_is_consistent(new_editor, tokenizer):
 def test_save_load_resume(new_editor, make_tiny, tokenizer, tmp_path, arch):
     editor = new_editor(arch)
     editor.edit([R1])
-    editor.save(tmp_path / "state")
+    editor.save_pretrained(tmp_path / "state")
 
     fresh = make_tiny(arch, seed=0)
-    loaded = Editor.load(tmp_path / "state", fresh, tokenizer, progress=False)
+    loaded = Editor.from_pretrained(fresh, tokenizer, tmp_path / "state", progress=False)
     assert loaded.n_batches == 1 and loaded.n_edits == 1
     assert loaded.templates == editor.templates
     assert loaded.hparams == editor.hparams
@@ -344,23 +347,108 @@ def test_state_size_is_fixed_and_save_is_atomic(new_editor, tmp_path):
     editor = new_editor("llama")
     directory = tmp_path / "state"
     editor.edit([R1])
-    editor.save(directory)
-    [first] = list(directory.glob("state-*.safetensors"))
-    size = first.stat().st_size
+    editor.save_pretrained(directory)
+    sizes = {name: (directory / name).stat().st_size for name in (ADAPTER_WEIGHTS, EDITING_STATE)}
     n = sum(w.numel() for s in editor.layers.values() for w in (s.delta, s.c_accu))
-    assert size >= 4 * n  # the whole state is in the file
-    (directory / ".tmp-killed-save.safetensors").write_bytes(b"half a file")  # a save killed midway
+    assert sum(sizes.values()) >= 4 * n  # the whole state is in the files
+    (directory / "notes.txt").write_text("mine")  # a user's own file in the folder is kept
+    (tmp_path / ".tmp-state-abcd1234").mkdir()  # a save killed midway
+    (tmp_path / ".tmp-state-abcd1234" / ADAPTER_WEIGHTS).write_bytes(b"half a file")
     for batch in ([R2], [R3, R4]):
         editor.edit(batch)
-        editor.save(directory)
+        editor.save_pretrained(directory)
         files = sorted(p.name for p in directory.iterdir())
-        config = json.loads((directory / CONFIG_FILE).read_text())
-        state_files = [f for f in files if f.startswith("state-") and f.endswith(".safetensors")]
-        assert state_files == [config["tensors"]]
-        assert files == sorted([CONFIG_FILE, ".lock", config["tensors"]])  # no temporary leftovers
+        config = json.loads((directory / ADAPTER_CONFIG).read_text())
+        assert files == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS, EDITING_STATE, "notes.txt"])
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]  # no temporary leftovers
     assert config["n_batches"] == 3 and config["n_edits"] == 4
-    assert (directory / config["tensors"]).stat().st_size == size
-    assert {int(k): v for k, v in config["alpha"].items()} == {l: s.alpha for l, s in editor.layers.items()}
+    assert {name: (directory / name).stat().st_size for name in sizes} == sizes
+    assert {v["layer"]: v["alpha"] for v in config["modules"].values()} == {l: s.alpha for l, s in editor.layers.items()}
+    assert sorted(config["modules"]) == [editor.layout.mlp_out_name(l) for l in editor.layers]
+    assert (directory / "notes.txt").read_text() == "mine"
+
+
+def test_config_is_sorted_and_deterministic(new_editor, tmp_path):
+    editor = new_editor("llama")
+    editor.edit([R1])
+    editor.save_pretrained(tmp_path / "a")
+    editor.save_pretrained(tmp_path / "b")
+    text = (tmp_path / "a" / ADAPTER_CONFIG).read_text()
+    assert text == (tmp_path / "b" / ADAPTER_CONFIG).read_text()
+    assert text == json.dumps(json.loads(text), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def test_final_state_holds_only_inference_and_load_edits_applies_it(new_editor, make_tiny, tokenizer, tmp_path):
+    editor = new_editor("llama")
+    editor.edit([R1, R2])
+    editor.save_pretrained(tmp_path / "final", final=True)
+    editor.save_pretrained(tmp_path / "full")
+    assert sorted(p.name for p in (tmp_path / "final").iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    assert (tmp_path / "final" / ADAPTER_WEIGHTS).read_bytes() == (tmp_path / "full" / ADAPTER_WEIGHTS).read_bytes()
+    with pytest.raises(StateError, match="saved as final"):
+        Editor.from_pretrained(make_tiny("llama", seed=0), tokenizer, tmp_path / "final")
+    fresh = make_tiny("llama", seed=0)
+    base = {t: _logits(fresh, tokenizer, t) for t in (R1["prompt"].format(R1["subject"]), UNRELATED[0])}
+    handle = load_edits(fresh, tmp_path / "final")
+    assert handle.enabled and handle.n_edits == 2
+    with editor.applied():
+        for text in base:
+            assert torch.equal(_logits(fresh, tokenizer, text), _logits(editor.model, tokenizer, text))
+    edited = _logits(fresh, tokenizer, R1["prompt"].format(R1["subject"]))
+    assert not torch.equal(edited, base[R1["prompt"].format(R1["subject"])])
+    with handle.disabled():
+        assert not handle.enabled
+        for text, logits in base.items():
+            assert torch.equal(_logits(fresh, tokenizer, text), logits)
+    assert torch.equal(_logits(fresh, tokenizer, R1["prompt"].format(R1["subject"])), edited)
+    handle.remove()
+    for text, logits in base.items():
+        assert torch.equal(_logits(fresh, tokenizer, text), logits)
+    with pytest.raises(RuntimeError, match="removed"):
+        handle.enable()
+    with pytest.raises(StateError, match="fingerprint"):
+        load_edits(make_tiny("llama", seed=1), tmp_path / "final")
+
+
+def _write_v1(editor, directory: Path) -> None:
+    """A state as format 1 wrote it: comeba_config.json naming one tensor file keyed by layer number."""
+    from safetensors.torch import save_file
+
+    from comeba.text import pad_batch
+
+    directory.mkdir()
+    tensors = {}
+    for l, s in editor.layers.items():
+        tensors[f"delta.{l}"], tensors[f"c_accu.{l}"] = s.delta, s.c_accu
+        if s.c0 is not None:
+            tensors[f"c0.{l}"] = s.c0
+    if editor.calibration:
+        ids, mask = pad_batch(editor.calibration, 0)
+        tensors["calibration.ids"], tensors["calibration.lengths"] = ids, mask.sum(1)
+    save_file(tensors, str(directory / "state-0123456789ab.safetensors"))
+    config = {"format": "comeba-hook-layers", "format_version": 1, **editor.config(),
+              "layers": list(editor.layers), "alpha": {str(l): s.alpha for l, s in editor.layers.items()},
+              "context_templates": editor.templates, "statistics": editor.stats_provenance,
+              "tensors": "state-0123456789ab.safetensors"}
+    (directory / "comeba_config.json").write_text(json.dumps(config))
+
+
+def test_format_1_state_still_loads(new_editor, make_tiny, tokenizer, tmp_path):
+    editor = new_editor("llama")
+    editor.edit([R1])
+    _write_v1(editor, tmp_path / "old")
+    loaded = Editor.from_pretrained(make_tiny("llama", seed=0), tokenizer, tmp_path / "old", progress=False)
+    assert loaded.n_edits == 1 and loaded.templates == editor.templates
+    for l, s in editor.layers.items():
+        assert torch.equal(loaded.layers[l].delta, s.delta) and loaded.layers[l].alpha == s.alpha
+        assert torch.equal(loaded.layers[l].c_accu, s.c_accu)
+    fresh = make_tiny("llama", seed=0)
+    load_edits(fresh, tmp_path / "old")
+    with editor.applied():
+        for text in (R1["prompt"].format(R1["subject"]), UNRELATED[0]):
+            assert torch.equal(_logits(fresh, tokenizer, text), _logits(editor.model, tokenizer, text))
+    loaded.save_pretrained(tmp_path / "old")  # saving converts it to format 2
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS, EDITING_STATE]
 
 
 def _damage(path: Path, at: float, data: bytes) -> None:
@@ -370,49 +458,50 @@ def _damage(path: Path, at: float, data: bytes) -> None:
     path.write_bytes(bytes(raw))
 
 
-def test_damaged_or_truncated_state_is_refused(new_editor, tokenizer, tmp_path):
+@pytest.mark.parametrize("name", [ADAPTER_WEIGHTS, EDITING_STATE])
+def test_damaged_or_truncated_state_is_refused(new_editor, tokenizer, tmp_path, name):
     editor = new_editor("llama")
     editor.edit([R1])
     directory = tmp_path / "state"
-    editor.save(directory)
-    config = json.loads((directory / CONFIG_FILE).read_text())
-    tensors = directory / config["tensors"]
+    editor.save_pretrained(directory)
+    config = json.loads((directory / ADAPTER_CONFIG).read_text())
+    tensors = directory / name
     good = tensors.read_bytes()
-    Editor.load(directory, editor.model, tokenizer)  # intact: loads
+    Editor.from_pretrained(editor.model, tokenizer, directory)  # intact: loads
     _damage(tensors, 0.6, b"\xff" * 8)
     with pytest.raises(StateError, match="damaged.*checksum"):
-        Editor.load(directory, editor.model, tokenizer)
-    # a state saved before digests were recorded: the damage is still caught by the finite check ...
-    del config["tensors_sha256"]
-    (directory / CONFIG_FILE).write_text(json.dumps(config))
+        Editor.from_pretrained(editor.model, tokenizer, directory)
+    # without the recorded digest the damage is still caught by the finite check ...
+    config["files"][name] = None
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config))
     with pytest.raises(StateError, match="NaN or infinite"):
-        Editor.load(directory, editor.model, tokenizer)
+        Editor.from_pretrained(editor.model, tokenizer, directory)
     # ... and a truncated file by safetensors, as a one-line error
     tensors.write_bytes(good[: len(good) // 2])
     with pytest.raises(StateError, match="cannot be read"):
-        Editor.load(directory, editor.model, tokenizer)
+        Editor.from_pretrained(editor.model, tokenizer, directory)
 
 
 def test_reader_survives_a_save_between_config_and_tensors(new_editor, tokenizer, tmp_path, monkeypatch):
-    import comeba.editor as editor_mod
+    import comeba.adapter as adapter_mod
 
     editor = new_editor("gpt2")
     editor.edit([R1])
     directory = tmp_path / "state"
-    editor.save(directory)
-    real = editor_mod.read_config
+    editor.save_pretrained(directory)
+    real = adapter_mod.read_config
     calls = []
 
     def racing(folder):
         config = real(folder)
         if not calls:  # a writer replaces the state right after this reader read the config
             editor.edit([R2])
-            editor.save(directory)
-        calls.append(config["tensors"])
+            editor.save_pretrained(directory)
+        calls.append(config["files"][ADAPTER_WEIGHTS])
         return config
-    monkeypatch.setattr(editor_mod, "read_config", racing)
-    loaded = Editor.load(directory, editor.model, tokenizer)
-    assert len(calls) == 2 and calls[0] != calls[1]
+    monkeypatch.setattr(adapter_mod, "read_config", racing)
+    loaded = Editor.from_pretrained(editor.model, tokenizer, directory)
+    assert len(calls) >= 2 and calls[0] != calls[-1]
     assert loaded.n_edits == 2
 
 
@@ -425,8 +514,8 @@ def test_second_writer_is_refused(new_editor, tmp_path):
     directory.mkdir()
     with writer_lock(directory):
         with pytest.raises(LockedError, match="another process"):
-            editor.save(directory)
-    editor.save(directory)  # the lock is released with its holder
+            editor.save_pretrained(directory)
+    editor.save_pretrained(directory)  # the lock is released with its holder
 
 
 @pytest.mark.parametrize("where", ["values", "update"])
@@ -435,9 +524,9 @@ def test_non_finite_batch_is_refused_and_state_untouched(new_editor, tokenizer, 
 
     editor = new_editor("llama")
     editor.edit([R1])
-    editor.save(tmp_path / "state")
+    editor.save_pretrained(tmp_path / "state")
     snap = _snapshot(editor)
-    saved = (tmp_path / "state" / CONFIG_FILE).read_text()
+    saved = (tmp_path / "state" / ADAPTER_CONFIG).read_text()
     if where == "values":
         real = editor_mod.target_values
 
@@ -454,7 +543,7 @@ def test_non_finite_batch_is_refused_and_state_untouched(new_editor, tokenizer, 
     with pytest.raises(editor_mod.EditError, match=match):
         editor.edit([R3, R2])
     _assert_state(editor, snap)
-    assert (tmp_path / "state" / CONFIG_FILE).read_text() == saved
+    assert (tmp_path / "state" / ADAPTER_CONFIG).read_text() == saved
     monkeypatch.undo()
     editor.edit([R3, R2])  # and it still works afterwards
     assert all(bool(torch.isfinite(s.delta).all()) for s in editor.layers.values())
@@ -488,12 +577,12 @@ def test_appended_eos_is_not_the_last_prompt_token(tokenizer):
 def test_load_onto_another_model_is_refused(new_editor, make_tiny, tokenizer, tmp_path):
     editor = new_editor("gpt2")
     editor.edit([R1])
-    editor.save(tmp_path / "state")
+    editor.save_pretrained(tmp_path / "state")
     other = make_tiny("gpt2", seed=1)
     with pytest.raises(StateError, match="fingerprint"):
-        Editor.load(tmp_path / "state", other, tokenizer)
+        Editor.from_pretrained(other, tokenizer, tmp_path / "state")
     with pytest.raises(StateError):
-        Editor.load(tmp_path / "nowhere", other, tokenizer)
+        Editor.from_pretrained(other, tokenizer, tmp_path / "nowhere")
 
 
 # --------------------------------------------------------------------------- transactions
@@ -523,7 +612,7 @@ def test_bad_request_leaves_state_untouched(new_editor, tokenizer, bad):
 def test_interrupt_mid_edit_leaves_state_untouched(new_editor, tokenizer, tmp_path):
     editor = new_editor("llama")
     editor.edit([R1])
-    editor.save(tmp_path / "state")
+    editor.save_pretrained(tmp_path / "state")
     model = editor.model
 
     # count the forward passes one batch makes, then start again from the saved state
@@ -536,7 +625,7 @@ def test_interrupt_mid_edit_leaves_state_untouched(new_editor, tokenizer, tmp_pa
     total = calls[0]
     assert total > 10
 
-    editor = Editor.load(tmp_path / "state", model, tokenizer, progress=False)
+    editor = Editor.from_pretrained(model, tokenizer, tmp_path / "state", progress=False)
     editor.attach()
     edited = _logits(model, tokenizer, R1["prompt"])
     snap = _snapshot(editor)
@@ -581,7 +670,7 @@ def test_target_values_and_keys_do_not_depend_on_batch_mates(new_editor, tokeniz
                 "target_new": "London"}
     reqs = make_requests([R1, long_one, R2])  # R1 is right-padded next to the long one
     model, layout, hp = editor.model, editor.layout, editor.hparams.replace(v_optimizer=optimizer)
-    with HookLayers(model, layout, editor.hook_weights()):
+    with HookLayers(model, layout, editor.layers):
         z_all = target_values(model, tokenizer, layout, reqs, hp, editor.templates, progress=False)
         z_one = target_values(model, tokenizer, layout, reqs[:1], hp, editor.templates, progress=False)
         for layer in hp.layers:
@@ -594,7 +683,7 @@ def test_target_values_and_keys_do_not_depend_on_batch_mates(new_editor, tokeniz
 def test_low_precision_model_keeps_full_precision_state(make_tiny, tokenizer, corpus_file):
     model = make_tiny("llama").to(torch.bfloat16)
     checksum = weights_checksum(model)
-    editor = Editor.create(model, tokenizer, HParams(**HP), corpus=text_corpus([corpus_file]), progress=False)
+    editor = Editor(model, tokenizer, HParams(**HP), corpus=text_corpus([corpus_file]), progress=False)
     editor.edit([R1])
     for s in editor.layers.values():
         assert s.delta.dtype == torch.float32 and s.c_accu.dtype == torch.float64

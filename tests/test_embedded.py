@@ -69,20 +69,20 @@ def test_edits_take_and_unrelated_prompts_do_not_change(embedded, corpus, tmp_pa
     controls = CONTROLS + [r["locality_prompt"] for r in EXAMPLES]
     before = greedy_generate(model, tok, controls, NEW_TOKENS)
 
-    editor = Editor.create(model, tok, HParams(mom2_n_tokens=20_000), corpus=corpus, progress=False)
+    editor = Editor(model, tok, HParams(mom2_n_tokens=20_000), corpus=corpus, progress=False)
     editor.edit(batch_a)
     with editor.applied():
         after_a = greedy_generate(model, tok, prompts_a, NEW_TOKENS)
     assert sum(_taken(a, r["target_new"]) for a, r in zip(after_a, batch_a)) >= 4, after_a
 
     # Save, then resume in a fresh model instance and write batch B on top.
-    editor.save(tmp_path / "state")
+    editor.save_pretrained(tmp_path / "state")
     size_a = sum(f.stat().st_size for f in (tmp_path / "state").iterdir())
     model2, tok2 = load_model("embedded")
-    resumed = Editor.load(tmp_path / "state", model2, tok2, progress=False)
+    resumed = Editor.from_pretrained(model2, tok2, tmp_path / "state", progress=False)
     assert resumed.n_edits == 5
     resumed.edit(batch_b)
-    resumed.save(tmp_path / "state")
+    resumed.save_pretrained(tmp_path / "state")
     size_b = sum(f.stat().st_size for f in (tmp_path / "state").iterdir())
     assert abs(size_b - size_a) < 1024, "state size must not grow with the number of edits"
 
@@ -102,7 +102,7 @@ def test_edits_take_and_unrelated_prompts_do_not_change(embedded, corpus, tmp_pa
 
 def test_gate_keeps_unrelated_logits_exact(embedded, corpus):
     model, tok = embedded
-    editor = Editor.create(model, tok, HParams(mom2_n_tokens=20_000), corpus=corpus, progress=False)
+    editor = Editor(model, tok, HParams(mom2_n_tokens=20_000), corpus=corpus, progress=False)
     editor.edit(EXAMPLES[:3])
     ids = tok(CONTROLS[:4], return_tensors="pt", padding=True)
     with torch.no_grad():

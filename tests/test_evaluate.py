@@ -11,21 +11,15 @@ import torch
 from comeba import alphaedit
 from comeba import evaluate as ev
 from comeba.baselines import AlphaEditEditor, make_baseline
-from comeba.cli import EVAL_METHODS, EVAL_PROTOCOLS, main
-from comeba.evaluate import (
-    CORE,
-    METHODS,
-    PROTOCOLS,
-    EvalError,
-    Settings,
-    aggregate,
-    evaluate,
-    evaluate_requests,
-    locality_reference,
-)
+from comeba.cli import METHODS as EVAL_METHODS
+from comeba.cli import PROTOCOLS as EVAL_PROTOCOLS
+from comeba.cli import main
+from comeba.evaluate import EvalError, evaluate
 from comeba.hparams import HParams
+from comeba.methods import METHODS, PROTOCOLS
 from comeba.models import detect_layout, mlp_out_weight, weights_checksum
 from comeba.requests import make_requests
+from comeba.scoring import CORE, Settings, aggregate, evaluate_requests, locality_reference
 from comeba.stats import load_or_compute_stats, text_corpus
 from test_metrics import ShiftModel, _word_tokenizer
 
@@ -186,7 +180,7 @@ def test_comeba_resumes_from_its_saved_state(llama, tokenizer, corpus, tmp_path,
     monkeypatch.setattr(Editor, "edit", flaky)
     with pytest.raises(KeyboardInterrupt):
         _run(llama, tokenizer, corpus, "comeba", "consecutive", out)
-    assert (out / "state" / "comeba_config.json").is_file()
+    assert (out / "state" / "adapter_config.json").is_file()
     resumed = _run(llama, tokenizer, corpus, "comeba", "consecutive", out)
     assert resumed["post"] == pytest.approx(full["post"], abs=1e-6)
 
@@ -364,10 +358,11 @@ def test_cli_eval(model_dir, corpus_file, tmp_path, capsys):
 def test_cached_metric_generation_matches_the_editor(llama, tokenizer, corpus):
     """The metrics' KV-cache generation runs the gated hooks as Editor.generate does."""
     from comeba import metrics as M
-    from comeba.editor import Editor, batch_gate_maxima
+    from comeba.editor import Editor
+    from comeba.gate import batch_gate_maxima
     from comeba.text import encode_prompt
 
-    editor = Editor.create(llama, tokenizer, HP, corpus=corpus, progress=False)
+    editor = Editor(llama, tokenizer, HP, corpus=corpus, progress=False)
     editor.edit(REQUESTS[:2])
     prompts = [r["prompt"] for r in REQUESTS] + ["Because the weather was cold, they stayed"]
     expected = editor.generate(prompts, max_new_tokens=6)

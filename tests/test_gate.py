@@ -11,15 +11,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from comeba.diagnostics import TextSample, gate_report, general_text_sample, subject_open_rates, text_pass
-from comeba.editor import CONFIG_FILE, Editor, StateError
+from comeba.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EDITING_STATE, StateError
+from comeba.editor import Editor
 from comeba.evaluate import Settings, evaluate
-from comeba.hooks import HookLayers, HookWeights, SpanGate, calibrated_threshold, span_gate, span_scores
+from comeba.gate import SpanGate, calibrated_threshold, span_gate, span_scores
+from comeba.hooks import HookLayers, LayerState
 from comeba.hparams import HParams
 from comeba.models import cache_kwarg, detect_layout
 from comeba.requests import make_requests
 from comeba.stats import text_corpus
 from comeba.text import pad_batch
-from test_editor import HP, R1, R2, R3, UNRELATED, _logits, _p_first
+from test_editor import HP, R1, R2, R3, UNRELATED, _logits, _p_first, _write_v1
 
 pytestmark = pytest.mark.usefixtures("one_thread", "shared_comeba_home")
 
@@ -172,7 +174,7 @@ def _layer_keys(model, tokenizer, texts, layers=LAYERS) -> dict[int, list[torch.
     return keys
 
 
-def _span_hooks_weights(model, tokenizer, alpha, seed=0, scale=0.5) -> dict[int, HookWeights]:
+def _span_hooks_weights(model, tokenizer, alpha, seed=0, scale=0.5) -> dict[int, LayerState]:
     """Span-gated hooks: C0 from general text's keys, 'edits' at two tokens of TEXTS[0] and one of TEXTS[2]."""
     general = _layer_keys(model, tokenizer, _general_ids(tokenizer))
     edited = _layer_keys(model, tokenizer, [TEXTS[0], TEXTS[2]])
@@ -184,7 +186,7 @@ def _span_hooks_weights(model, tokenizer, alpha, seed=0, scale=0.5) -> dict[int,
         e = torch.stack([edited[l][0][5], edited[l][0][8], edited[l][1][3]]).double()
         gate = span_gate(c0, LAM * c0 + e.T @ e, LAM)
         delta = torch.randn(32, len(c0), generator=g) * scale  # d_out = hidden, d_in = 4·hidden
-        out[l] = HookWeights(delta, alpha, True, gate)
+        out[l] = LayerState(delta, alpha, gate)
     return out
 
 
@@ -197,8 +199,8 @@ def test_records_hold_the_span_scores_and_the_gate(make_tiny, tokenizer):
     batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
     keys = _layer_keys(model, tokenizer, TEXTS, layers=[1])[1]
     weights = _span_hooks_weights(model, tokenizer, 0.5)
-    weights[3] = HookWeights(torch.zeros(32, 128), 0.5, gated=False)  # a temporary hook: nothing to record
     with HookLayers(model, detect_layout(model), weights) as hooks, torch.no_grad():
+        hooks.set(3, LayerState(torch.zeros(32, 128), 0.5), gated=False)  # a temporary hook: nothing to record
         assert hooks.records is None
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         assert hooks.records is None  # off unless asked for
@@ -306,7 +308,7 @@ def test_calibrate_sets_each_layer_to_its_quantile(make_tiny, tokenizer):
                           tokenizer.pad_token_id)
     eps = 0.05
     weights = _span_hooks_weights(model, tokenizer, 0.9)
-    weights[0] = HookWeights(torch.randn(32, 128) * 0.1, 1.7, True)  # a reference-gated layer: left alone
+    weights[0] = LayerState(torch.randn(32, 128) * 0.1, 1.7)  # a reference-gated layer: left alone
     with HookLayers(model, detect_layout(model), weights) as hooks, torch.no_grad():
         run = lambda: model(input_ids=ids, attention_mask=mask)  # noqa: E731
         alphas = hooks.calibrate(run, lambda z: calibrated_threshold(z, eps))
@@ -328,7 +330,7 @@ def test_calibrate_sets_each_layer_to_its_quantile(make_tiny, tokenizer):
         with pytest.raises(RuntimeError, match="did not reach layer"):
             hooks.calibrate(lambda: None, lambda z: calibrated_threshold(z, eps))
     with pytest.raises(ValueError, match="alpha=None"):
-        HookLayers(model, detect_layout(model), {1: HookWeights(torch.zeros(32, 128), None, True)})
+        HookLayers(model, detect_layout(model), {1: LayerState(torch.zeros(32, 128), None)})
 
 
 # ============================================================================ the editor with the span gate
@@ -340,7 +342,7 @@ def new_editor(make_tiny, tokenizer, corpus_file):
 
     def _make(arch: str = "llama", seed: int = 0, **changes) -> Editor:
         model = make_tiny(arch, seed=seed)
-        return Editor.create(model, tokenizer, HParams(**{**HP, **changes}), corpus=text_corpus([corpus_file]),
+        return Editor(model, tokenizer, HParams(**{**HP, **changes}), corpus=text_corpus([corpus_file]),
                              progress=False)
 
     return _make
@@ -350,9 +352,14 @@ def _calibration_sample(editor) -> TextSample:
     return TextSample(tuple(tuple(s) for s in editor.calibration), "calibration text")
 
 
-def test_span_editor_edits_take_and_opens_on_a_share_eps_of_its_calibration_text(new_editor, tokenizer):
-    editor = new_editor("llama")
+@pytest.mark.parametrize("share", [0.0, None])
+def test_span_editor_edits_take_and_opens_on_a_share_eps_of_its_calibration_text(new_editor, tokenizer, share):
+    """α is the (1 − ε) quantile of the calibration text (ρ = 0), or the larger of it and ρ times the score of
+    the batch's subject (the default ρ: a batch of one)."""
+    editor = new_editor("llama", **({} if share is None else {"gate_subject_share": share}))
     hp = editor.hparams
+    rho = hp.gate_subject_share
+    assert (rho > 0) == (share is None)
     assert hp.gate == "span"
     n_cal = sum(len(s) for s in editor.calibration)
     assert 0 < n_cal <= hp.gate_calibration_tokens  # the whole budget where the corpus holds enough text
@@ -364,20 +371,34 @@ def test_span_editor_edits_take_and_opens_on_a_share_eps_of_its_calibration_text
         for r in (R1, R2):
             assert _p_first(model, tokenizer, r) > 1.2 * before[id(r)], r["prompt"]
         hooks = editor.hooks
-        # the calibration text opens each gate on a share ε of its tokens (to a token or two)
+        # the calibration text opens each gate on a share ε of its tokens (to a token or two), or less
         text = text_pass(model, tokenizer, _calibration_sample(editor), hooks)
         assert text["tokens"] == n_cal
         for l in editor.layers:
             opened = text["open"][l] * n_cal / 100
-            assert abs(opened - hp.gate_false_open * n_cal) <= 3, (l, opened)
-        # and α is exactly the (1 − ε) quantile of the scores of the pass the editor calibrates with
-        ids, mask = pad_batch(editor.calibration, tokenizer.pad_token_id)
+            if rho == 0:
+                assert abs(opened - hp.gate_false_open * n_cal) <= 3, (l, opened)
+            else:
+                assert opened <= hp.gate_false_open * n_cal + 3, (l, opened)
+        # and α is exactly that of the pass the editor calibrates with: the calibration text and R2's prompt
+        from comeba.text import encode_prompt, subject_last_index
+
+        [r2] = make_requests([R2])
+        ids, mask = pad_batch(editor.calibration + [encode_prompt(tokenizer, r2.text)], tokenizer.pad_token_id)
+        at = subject_last_index(tokenizer, r2.prompt, r2.subject)
+        general = mask.bool().clone()
+        general[-1] = False
         hooks.record(True)
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
+        floored = 0
         for l, s in editor.layers.items():
-            want = calibrated_threshold(hooks.records[l].scores[mask.bool()], hp.gate_false_open)
-            assert s.alpha == pytest.approx(want, rel=1e-6, abs=1e-7)
+            want = calibrated_threshold(hooks.records[l].scores[general], hp.gate_false_open)
+            subject = float(hooks.records[l].scores[-1, at])
+            assert subject >= s.alpha  # the batch just written opens every layer
+            assert s.alpha == pytest.approx(max(want, rho * subject), rel=1e-6, abs=1e-7)
+            floored += rho * subject > want
+        assert (floored > 0) == (rho > 0)  # with ρ > 0 the floor sets α on some layers of this tiny model
         hooks.record(False)
         # where edits must act, the gate opens: the edited subjects' last tokens
         rates = subject_open_rates(model, tokenizer, hooks, make_requests([R1, R2]))
@@ -405,15 +426,18 @@ def test_span_state_save_load_resume(new_editor, make_tiny, tokenizer, tmp_path)
     editor = new_editor("llama")
     editor.edit([R1])
     editor.edit([R2])
-    editor.save(tmp_path / "state")
-    config = json.loads((tmp_path / "state" / CONFIG_FILE).read_text())
-    assert config["hparams"]["gate"] == "span"
-    tensors = load_file(str(tmp_path / "state" / config["tensors"]))
+    editor.save_pretrained(tmp_path / "state")
+    config = json.loads((tmp_path / "state" / ADAPTER_CONFIG).read_text())
+    assert config["hparams"]["gate"] == "span" and config["gate"] == "span"
+    tensors = load_file(str(tmp_path / "state" / EDITING_STATE))
     assert {"calibration.ids", "calibration.lengths"} <= set(tensors)
-    assert {f"c0.{l}" for l in editor.layers} <= set(tensors)
+    names = [editor.layout.mlp_out_name(l) for l in editor.layers]
+    assert {f"{m}.c0" for m in names} <= set(tensors)
+    weights = load_file(str(tmp_path / "state" / ADAPTER_WEIGHTS))
+    assert set(weights) == {f"{m}.{t}" for m in names for t in ("delta", "gate.whiten", "gate.span")}
 
     fresh = make_tiny("llama")
-    loaded = Editor.load(tmp_path / "state", fresh, tokenizer, progress=False)
+    loaded = Editor.from_pretrained(fresh, tokenizer, tmp_path / "state", progress=False)
     assert loaded.hparams == editor.hparams and loaded.calibration == editor.calibration
     assert (loaded.n_batches, loaded.n_edits) == (2, 2)
     _assert_same_states(editor, loaded)
@@ -441,35 +465,41 @@ def test_span_state_save_load_resume(new_editor, make_tiny, tokenizer, tmp_path)
 def test_span_state_without_its_calibration_text_is_refused(new_editor, make_tiny, tokenizer, tmp_path):
     editor = new_editor("llama")
     editor.edit([R1])
-    editor.save(tmp_path / "state")
-    config = json.loads((tmp_path / "state" / CONFIG_FILE).read_text())
-    path = tmp_path / "state" / config["tensors"]
+    editor.save_pretrained(tmp_path / "state")
+    config = json.loads((tmp_path / "state" / ADAPTER_CONFIG).read_text())
+    path = tmp_path / "state" / EDITING_STATE
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        metadata = fh.metadata()
     tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith("calibration.")}
-    save_file(tensors, str(path))
+    save_file(tensors, str(path), metadata=metadata)
     from comeba.files import sha256_file
 
-    config["tensors_sha256"] = sha256_file(path)  # a whole state, written without its calibration text
-    (tmp_path / "state" / CONFIG_FILE).write_text(json.dumps(config))
+    config["files"][EDITING_STATE] = sha256_file(path)  # a whole state, written without its calibration text
+    (tmp_path / "state" / ADAPTER_CONFIG).write_text(json.dumps(config))
     with pytest.raises(StateError, match="calibration"):
-        Editor.load(tmp_path / "state", make_tiny("llama"), tokenizer, progress=False)
+        Editor.from_pretrained(make_tiny("llama"), tokenizer, tmp_path / "state", progress=False)
 
 
 def test_reference_state_without_gate_key_loads_as_reference(new_editor, make_tiny, tokenizer, tmp_path):
     """A state saved before the span gate existed (no gate keys in its hparams) keeps the reference rule."""
     editor = new_editor("llama", gate="reference")
     editor.edit([R1, R2])
-    editor.save(tmp_path / "state")
-    path = tmp_path / "state" / CONFIG_FILE
+    editor.save_pretrained(tmp_path / "new")
+    config = json.loads((tmp_path / "new" / ADAPTER_CONFIG).read_text())
+    assert config["hparams"]["gate"] == "reference" and config["gate"] == "reference"
+    assert not any(k.endswith((".c0", ".gate.span")) or k.startswith("calibration.")
+                   for name in (ADAPTER_WEIGHTS, EDITING_STATE) for k in load_file(str(tmp_path / "new" / name)))
+    _write_v1(editor, tmp_path / "state")  # as format 1 wrote it before the span gate existed
+    path = tmp_path / "state" / "comeba_config.json"
     config = json.loads(path.read_text())
-    assert config["hparams"]["gate"] == "reference"
     for key in ("gate", "gate_false_open", "gate_calibration_tokens", "gate_alpha0"):
         del config["hparams"][key]
     path.write_text(json.dumps(config))
-    tensors = load_file(str(tmp_path / "state" / config["tensors"]))
-    assert not any(k.startswith(("c0.", "calibration.")) for k in tensors)
 
     fresh = make_tiny("llama")
-    loaded = Editor.load(tmp_path / "state", fresh, tokenizer, progress=False)
+    loaded = Editor.from_pretrained(fresh, tokenizer, tmp_path / "state", progress=False)
     assert loaded.hparams.gate == "reference" and loaded.hparams == editor.hparams
     assert loaded.calibration == []
     _assert_same_states(editor, loaded)
@@ -568,7 +598,7 @@ def test_subject_open_rates(new_editor, tokenizer):
 
         def set_alpha(alpha):
             for l, s in editor.layers.items():
-                hooks.set(l, HookWeights(s.delta, alpha(l), True, s.span))
+                hooks.set(l, LayerState(s.delta, alpha(l), s.span))
 
         set_alpha(lambda l: 1e-9)
         rates = subject_open_rates(model, tokenizer, hooks, requests)
@@ -646,7 +676,7 @@ def test_evaluate_writes_the_diagnostics(make_tiny, tokenizer, corpus_file, diag
 
 
 def test_span_threshold_lowers_alpha_for_the_batch_subjects_within_the_false_open_bound():
-    from comeba.hooks import span_threshold
+    from comeba.gate import span_threshold
 
     g = torch.Generator().manual_seed(0)
     general = torch.rand(40, 50, generator=g, dtype=torch.float64)  # 2,000 general-text scores in [0, 1)
@@ -671,6 +701,27 @@ def test_span_threshold_lowers_alpha_for_the_batch_subjects_within_the_false_ope
     assert (finite >= lo).double().mean().item() == pytest.approx(5e-2, abs=1e-3)
 
 
+def test_span_threshold_floor_is_a_share_of_the_subjects_median():
+    from comeba.gate import span_threshold
+
+    g = torch.Generator().manual_seed(1)
+    general = torch.rand(40, 50, generator=g, dtype=torch.float64) * 0.2  # general text scores in [0, 0.2)
+    subjects = torch.full((3, 50), float("nan"), dtype=torch.float64)
+    subjects[0, 4], subjects[1, 2], subjects[2, 9] = 0.7, 0.8, 0.9  # median 0.8
+    scores = torch.cat([general, subjects])
+    where = [(40, 4), (41, 2), (42, 9)]
+    hi = calibrated_threshold(general, 1e-3)
+    assert span_threshold(scores, 40, where, 1e-3, 5e-2) == hi  # without a floor: the quantile
+    assert span_threshold(scores, 40, where, 1e-3, 5e-2, subject_share=0.5) == pytest.approx(0.4)  # ρ · median
+    # a subject below the floor does not pull α under it (the floor keeps near-misses shut)
+    scores[40, 4] = 0.3
+    assert span_threshold(scores, 40, where, 1e-3, 5e-2, subject_share=0.5) == pytest.approx(0.4)
+    # a floor under the quantile changes nothing
+    assert span_threshold(scores, 40, where, 1e-3, 5e-2, subject_share=0.1) == hi
+    with pytest.raises(Exception, match="gate_subject_share"):
+        HParams(gate_subject_share=1.0)
+
+
 def test_a_batch_s_own_subjects_open_after_calibration(make_tiny, tokenizer, corpus_file, shared_comeba_home):
     from comeba.diagnostics import subject_open_rates
     from comeba.requests import make_requests as _mk
@@ -679,7 +730,7 @@ def test_a_batch_s_own_subjects_open_after_calibration(make_tiny, tokenizer, cor
     hp = HParams(layers=[1, 2], v_num_grad_steps=20, clamp_norm_factor=10.0, mom2_update_weight=20.0,
                  mom2_n_tokens=2000, context_template_prefixes=["The"], context_template_length=6,
                  gate_false_open_max=0.2)
-    editor = Editor.create(model, tokenizer, hp, corpus=text_corpus([corpus_file]), progress=False)
+    editor = Editor(model, tokenizer, hp, corpus=text_corpus([corpus_file]), progress=False)
     batches = [
         [{"prompt": "The mother tongue of Danielle Darrieux", "subject": "Danielle Darrieux", "target_new": "English"},
          {"prompt": "The capital city of France", "subject": "France", "target_new": "Berlin"}],

@@ -9,7 +9,8 @@ import torch
 import transformers
 
 from comeba import models
-from comeba.hooks import HookLayers, HookWeights, gate_scores
+from comeba.gate import gate_scores
+from comeba.hooks import HookLayers, LayerState
 from comeba.models import detect_layout, mlp_out_weight
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,7 +30,7 @@ def _deltas(seed: int = 0, scale: float = 0.05, layers=LAYERS) -> dict[int, torc
 
 
 def _hooks(model, deltas, alpha, gated=True) -> HookLayers:
-    return HookLayers(model, detect_layout(model), {l: HookWeights(d, alpha, gated) for l, d in deltas.items()})
+    return HookLayers(model, detect_layout(model), {l: LayerState(d, alpha) for l, d in deltas.items()}, gated=gated)
 
 
 def _batch(tokenizer, prompts=PROMPTS):

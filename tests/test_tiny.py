@@ -46,3 +46,13 @@ def test_tiny_model_seeded(make_tiny):
     a, b, c = make_tiny("llama", seed=1), make_tiny("llama", seed=1), make_tiny("llama", seed=2)
     wa, wb, wc = (m.get_submodule("model.layers.0.mlp.down_proj").weight for m in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+def test_readme_hyperparameter_table_is_generated_from_the_config():
+    """Every setting's default and help in the README come from HParams itself (one source)."""
+    from pathlib import Path
+
+    from comeba.hparams import markdown_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert markdown_table() in readme

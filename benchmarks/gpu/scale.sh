@@ -7,7 +7,7 @@
 # Installs the package (torch as the machine has it), de-quantises the embedded model, computes the
 # WikiText-2 statistics once, then runs benchmarks/scale.py on CUDA (batch 20, a checkpoint every
 # 100 edits). Each method is resumable, so a second lease continues where the first stopped.
-# Results: benchmarks/scale/N/ (copied to $OUT when the device tool sets it).
+# Results: benchmarks/results/scale/N/ (copied to $OUT when the device tool sets it).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 N=${1:-1000}; shift || true
@@ -18,5 +18,5 @@ python -m pip install -q safetensors gguf accelerate tqdm pyyaml matplotlib >/de
 python -m comeba stats --device cuda --stats-text ../shared/data/wikitext-2/valid.txt --quiet
 status=0
 python benchmarks/scale.py --n "$N" --batch-size 20 --checkpoint-every 5 --device cuda --methods "${METHODS[@]}" || status=$?
-if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/scale" && cp -r "benchmarks/scale/$N" "$OUT/scale/"; fi
+if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/scale" && cp -r "benchmarks/results/scale/$N" "$OUT/scale/"; fi
 exit $status

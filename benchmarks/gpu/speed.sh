@@ -17,11 +17,11 @@ python -m pip install -q --no-deps -e . && python -m pip install -q --no-deps ll
 python -m pip install -q safetensors gguf accelerate tqdm pyyaml matplotlib >/dev/null
 python -m comeba stats --device cuda --stats-text ../shared/data/wikitext-2/valid.txt --quiet
 status=0
-[ -f benchmarks/speed/profile-h200.json ] || \
+[ -f benchmarks/results/speed/profile-h200.json ] || \
   python benchmarks/profile_edit.py --device cuda --batch-sizes 20 100 --batches 3 --baseline none \
-    --out benchmarks/speed/profile-h200.json || status=$?
+    --out benchmarks/results/speed/profile-h200.json || status=$?
 python benchmarks/cost_curve.py --n "$N" --batch-size 100 --device cuda --save-every 10 || status=$?
 if [ -n "${OUT:-}" ]; then
-  (cd benchmarks && find speed \( -name '*.json' -o -name '*.png' \) -not -path '*/state/*' -exec cp --parents {} "$OUT/" \;)
+  (cd benchmarks/results && find speed \( -name '*.json' -o -name '*.png' \) -not -path '*/state/*' -exec cp --parents {} "$OUT/" \;)
 fi
 exit $status

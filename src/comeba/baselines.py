@@ -25,11 +25,10 @@ import torch
 from . import alphaedit
 from .compute import accumulate_keys, context_templates, solve_update, write_layers
 from .hparams import HParams
+from .methods import WEIGHT_METHODS
 from .models import detect_layout, mlp_out_weight, num_layers
 from .requests import Request, make_requests
 from .values import target_values
-
-METHODS = ("memit", "seq-memit", "no-hook", "alphaedit")
 
 
 class WeightEditor:
@@ -145,8 +144,8 @@ class AlphaEditEditor(WeightEditor):
 def make_baseline(method: str, model, tokenizer, hparams: HParams, c0: Mapping[int, torch.Tensor],
                   templates: Sequence[str] | None = None, progress: bool = True) -> WeightEditor:
     """`memit` / `seq-memit` (C = λ·C0 each batch), `no-hook` (accumulated C_accu) or `alphaedit`."""
-    if method not in METHODS:
-        raise ValueError(f"unknown baseline {method!r}; choose from {', '.join(METHODS)}")
+    if method not in WEIGHT_METHODS:
+        raise ValueError(f"unknown baseline {method!r}; choose from {', '.join(WEIGHT_METHODS)}")
     if method == "alphaedit":
         return AlphaEditEditor(model, tokenizer, hparams, c0, templates=templates, progress=progress)
     return WeightEditor(model, tokenizer, hparams, c0, accumulate=(method == "no-hook"),

@@ -1,7 +1,8 @@
-"""The MEMIT-style pieces every editor shares: templates, keys, target values, the update.
+"""The MEMIT-style pieces every editor shares: templates, keys, residuals, the update.
 
-Each equation of DESIGN.md §2 lives here once; COMEBA-HK and the baselines
-differ only in which covariance they solve against and where they write Δ.
+Each of these equations lives here once (docs/method.md §§2 and 3.2; the
+target values are in comeba.values); COMEBA-HK and the baselines differ only
+in which covariance they solve against and where they write Δ.
 All functions run the model as it is (with whatever hooks the caller has
 attached), so the caller decides what "the model as edited so far" means.
 """

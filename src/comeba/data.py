@@ -53,6 +53,7 @@ __all__ = [
     "load_counterfact",
     "load_zsre",
     "load_easyedit",
+    "split_dataset_spec",
     "load_dataset_spec",
     "DATASET_KINDS",
 ]
@@ -262,14 +263,23 @@ DATASET_KINDS: Mapping[str, Callable[..., LoadResult]] = MappingProxyType({
 })
 
 
+def split_dataset_spec(spec: str) -> tuple[str, str]:
+    """(kind, path) of ``"counterfact:PATH"``, ``"zsre:PATH"``, ``"easyedit:PATH"`` or a bare ``"PATH"``.
+
+    A bare path is of kind ``easyedit``. Only the known kinds are taken as
+    prefixes, so a path holding a colon (``C:\\data.json``) still works.
+    """
+    kind, sep, rest = spec.partition(":")
+    if sep and kind.lower() in DATASET_KINDS:
+        return kind.lower(), rest
+    return "easyedit", spec
+
+
 def load_dataset_spec(spec: str, offset: int = 0, n: int | None = None) -> LoadResult:
     """Load ``"counterfact:PATH"``, ``"zsre:PATH"``, ``"easyedit:PATH"`` or a bare ``"PATH"``.
 
     A bare path is read as EasyEdit-shaped records with per-record layout
-    detection. Only the known kinds are taken as prefixes, so a path holding
-    a colon (``C:\\data.json``) still works.
+    detection (see `split_dataset_spec`).
     """
-    kind, sep, rest = spec.partition(":")
-    if sep and kind.lower() in DATASET_KINDS:
-        return DATASET_KINDS[kind.lower()](rest, offset=offset, n=n)
-    return load_easyedit(spec, offset=offset, n=n)
+    kind, path = split_dataset_spec(spec)
+    return DATASET_KINDS[kind](path, offset=offset, n=n)

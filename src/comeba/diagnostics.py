@@ -84,7 +84,7 @@ def text_pass(model, tokenizer, sample: TextSample, hooks: HookLayers | None = N
     out: dict[str, object] = {"perplexity": float(torch.tensor(nll / max(count, 1)).exp()), "tokens": valid_total}
     if hooks is not None:
         out["open"] = {l: 100.0 * opened.get(l, 0) / max(valid_total, 1) for l in sorted(hooks.weights)
-                       if hooks.weights[l].gated}
+                       if hooks.gated[l]}
     return out
 
 
@@ -124,7 +124,7 @@ def subject_open_rates(model, tokenizer, hooks: HookLayers, requests: Sequence[R
                     hits[layer] = hits.get(layer, 0) + int(rec.gate[rows, idx].sum())
         finally:
             hooks.record(False)
-        out[kind] = {l: 100.0 * hits.get(l, 0) / len(items) for l in sorted(hooks.weights) if hooks.weights[l].gated}
+        out[kind] = {l: 100.0 * hits.get(l, 0) / len(items) for l in sorted(hooks.weights) if hooks.gated[l]}
     return out
 
 

@@ -1,49 +1,35 @@
-"""The consecutive batch editor (COMEBA-HK) and its saved state.
+"""The consecutive batch editor (COMEBA-HK).
 
 The state is of fixed size whatever the number of edits: per edited layer
 ΔW = W_h − W_0, C_accu = λ·C0 + Σ_past K Kᵀ and the gate threshold α. It is
-saved like a PEFT adapter — a small JSON config and a safetensors file —
-and the base model's weights are never modified.
+saved like a PEFT adapter (comeba.adapter) and the base model's weights are
+never modified. See docs/method.md.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
-import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from . import __version__
+from .adapter import StateError, check_base_model, read_state, write_state
 from .compute import accumulate_keys, context_templates, fill_template, solve_update, write_layers
-from .files import atomic_save_tensors, atomic_write_text, sha256_file, writer_lock
-from .hooks import HookLayers, HookWeights, SpanGate, gate_scores, hook_addition, span_gate, span_threshold
+from .gate import adapt_alpha, batch_gate_maxima, calibrate_span, span_gate
+from .hooks import HookLayers, LayerState
 from .hparams import HParams
 from .models import Layout, detect_layout, fingerprint, mlp_out_weight, num_layers
 from .requests import Request, RequestError, make_requests
 from .stats import Corpus, calibration_sample, default_corpus, load_or_compute_stats, samples_corpus
-from .text import encode_prompt, encode_target, model_device, pad_batch, subject_last_index
-from .trace import trace
+from .text import encode_prompt, encode_target, model_device
 from .values import target_values
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "comeba_config.json"
-FORMAT = "comeba-hook-layers"
-FORMAT_VERSION = 1
-
-
-class StateError(ValueError):
-    """A saved editor state that cannot be used with this model."""
-
 
 class EditError(ValueError):
     """A batch that cannot be written (a non-finite value or an ill-posed solve); the state is unchanged."""
@@ -53,48 +39,40 @@ def _names(batch: Sequence[Request], rows) -> str:
     return ", ".join(f"#{i} ({batch[i].subject!r} → {batch[i].target_new.strip()!r})" for i in rows)
 
 
-@dataclass
-class LayerState:
-    """One hook layer: ΔW (float32, d_out × d_in), C_accu (float64, d_in × d_in), α.
-
-    The span gate also keeps C0 (fixed, in the statistics' dtype) and the gate derived from C0
-    and C_accu (recomputed, never saved).
-    """
-
-    delta: torch.Tensor
-    c_accu: torch.Tensor
-    alpha: float
-    c0: torch.Tensor | None = None
-    span: SpanGate | None = None
-
-    def copy(self) -> "LayerState":
-        """A shallow copy: a batch replaces ΔW and C_accu with new tensors and never writes into them, so
-        the previous state stays intact for a rollback without copying C_accu (gigabytes for a 7B model)."""
-        return LayerState(self.delta, self.c_accu, self.alpha, self.c0, self.span)
-
-
 class Editor:
     """Writes batches of facts into hook layers, one consecutive step per `edit` call.
 
-    Create with `Editor.create` (computes or loads the key statistics) or
-    `Editor.load`; apply the edits with `attach()` / `with editor.applied():`.
+    `Editor(model, tokenizer, config, corpus=...)` starts from the (cached) key
+    statistics of `corpus`; `Editor.from_pretrained(model, tokenizer, dir)` goes
+    on editing a saved state. The edits act while the hooks are attached
+    (`attach()`, `with editor.applied():`); `save_pretrained(dir)` writes them,
+    and `comeba.load_edits(model, dir)` applies them for inference.
     """
 
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        hparams: HParams,
-        layers: Mapping[int, LayerState],
-        templates: Sequence[str],
-        *,
-        model_fingerprint: str,
-        stats_provenance: Mapping[str, Any] | None = None,
-        n_batches: int = 0,
-        n_edits: int = 0,
-        calibration: Sequence[Sequence[int]] | None = None,
-        progress: bool = True,
-    ):
+    def __init__(self, model, tokenizer, config: HParams | None = None, corpus: Corpus | None = None,
+                 progress: bool = True):
+        hp = config or HParams()
+        layout = detect_layout(model)
+        hp.check_model(num_layers(model, layout))
+        fp = fingerprint(model)
+        corpus = corpus or default_corpus()
+        log.info("key statistics corpus: %s", corpus.describe)
+        c0, provenance = load_or_compute_stats(
+            model, tokenizer, layout, hp.layers, corpus, hp.mom2_n_tokens, hp.mom2_dtype, model_fp=fp, progress=progress
+        )
+        calibration = (calibration_sample(model, tokenizer, corpus, hp.gate_calibration_tokens, hp.mom2_n_tokens)
+                       if hp.gate == "span" else None)
+        fresh = type(self).from_statistics(model, tokenizer, hp, c0, stats_provenance=provenance, model_fingerprint=fp,
+                                           calibration=calibration, progress=progress)
+        self.__dict__.update(fresh.__dict__)
+
+    @classmethod
+    def _assemble(cls, model, tokenizer, hparams: HParams, layers: Mapping[int, LayerState], templates: Sequence[str],
+                  *, model_fingerprint: str, stats_provenance: Mapping[str, Any] | None = None, n_batches: int = 0,
+                  n_edits: int = 0, calibration: Sequence[Sequence[int]] | None = None,
+                  progress: bool = True) -> "Editor":
+        """An editor from its parts (what creation and loading share)."""
+        self = cls.__new__(cls)
         self.model = model
         self.tokenizer = tokenizer
         self.hparams = hparams
@@ -111,37 +89,13 @@ class Editor:
         if hparams.gate == "span":
             if not self.calibration:
                 raise ValueError("the span gate needs held-back general text to calibrate on (calibration)")
-            for l, s in self.layers.items():
-                if s.c0 is None:
+            for l, st in self.layers.items():
+                if st.c0 is None:
                     raise ValueError(f"the span gate needs C0 for layer {l}")
-                if s.span is None:
-                    s.span = span_gate(s.c0, s.c_accu, hparams.mom2_update_weight)
-        self._hooks: HookLayers | None = None
-
-    # ------------------------------------------------------------------ creation
-    @classmethod
-    def create(
-        cls,
-        model,
-        tokenizer,
-        hparams: HParams | None = None,
-        corpus: Corpus | None = None,
-        progress: bool = True,
-    ) -> "Editor":
-        """A fresh editor: C_accu = λ·C0 from the (cached) key statistics, ΔW = 0, α = α₀."""
-        hp = hparams or HParams()
-        layout = detect_layout(model)
-        hp.check_model(num_layers(model, layout))
-        fp = fingerprint(model)
-        corpus = corpus or default_corpus()
-        log.info("key statistics corpus: %s", corpus.describe)
-        c0, provenance = load_or_compute_stats(
-            model, tokenizer, layout, hp.layers, corpus, hp.mom2_n_tokens, hp.mom2_dtype, model_fp=fp, progress=progress
-        )
-        calibration = (calibration_sample(model, tokenizer, corpus, hp.gate_calibration_tokens, hp.mom2_n_tokens)
-                       if hp.gate == "span" else None)
-        return cls.from_statistics(model, tokenizer, hp, c0, stats_provenance=provenance, model_fingerprint=fp,
-                                   calibration=calibration, progress=progress)
+                if st.span is None:
+                    st.span = span_gate(st.c0, st.c_accu, hparams.mom2_update_weight)
+        self._hooks = None
+        return self
 
     @classmethod
     def from_statistics(
@@ -159,11 +113,11 @@ class Editor:
     ) -> "Editor":
         """A fresh editor from precomputed C0 per layer (and, optionally, context templates).
 
-        What `create` does after loading the statistics; lets a harness build
-        many fresh editors (single-round evaluation) from one set of statistics
-        and templates. The templates must come from this unedited model.
-        `calibration` (token ids of held-back general text) is what the span
-        gate calibrates on; without it, text sampled from the model is used.
+        Lets a harness build many fresh editors (single-round evaluation) from
+        one set of statistics and templates. The templates must come from this
+        unedited model. `calibration` (token ids of held-back general text) is
+        what the span gate calibrates on; without it, text sampled from the
+        model is used.
         """
         hp = hparams
         layout = detect_layout(model)
@@ -177,26 +131,23 @@ class Editor:
             base = c0[layer].to(device=w0.device, dtype=getattr(torch, hp.mom2_dtype)) if hp.gate == "span" else None
             layers[layer] = LayerState(
                 delta=torch.zeros(w0.shape, dtype=torch.float32, device=w0.device),
-                c_accu=hp.mom2_update_weight * (base if base is not None else c0[layer]).to(w0.device, torch.float64),
                 alpha=float(hp.gate_alpha0 if hp.gate == "span" else hp.alpha),
+                c_accu=hp.mom2_update_weight * (base if base is not None else c0[layer]).to(w0.device, torch.float64),
                 c0=base,
             )
         templates = list(templates) if templates is not None else context_templates(model, tokenizer, hp)
         if hp.gate == "span" and not calibration:
             log.info("gate calibration text: sampled from the model (no statistics corpus given)")
             calibration = calibration_sample(model, tokenizer, samples_corpus(hp.seed), hp.gate_calibration_tokens, 0)
-        return cls(model, tokenizer, hp, layers, templates, model_fingerprint=fp,
-                   stats_provenance=stats_provenance, calibration=calibration if hp.gate == "span" else None,
-                   progress=progress)
+        return cls._assemble(model, tokenizer, hp, layers, templates, model_fingerprint=fp,
+                             stats_provenance=stats_provenance, calibration=calibration if hp.gate == "span" else None,
+                             progress=progress)
 
     # ------------------------------------------------------------------ applying the edits
-    def hook_weights(self, gated: bool = True) -> dict[int, HookWeights]:
-        return {l: HookWeights(s.delta, s.alpha, gated, s.span) for l, s in self.layers.items()}
-
     def attach(self) -> "Editor":
         """Make the model answer as edited (validated hooks); the weights stay untouched."""
         self.detach()
-        self._hooks = HookLayers(self.model, self.layout, self.hook_weights())
+        self._hooks = HookLayers(self.model, self.layout, self.layers)
         return self
 
     def detach(self) -> None:
@@ -245,7 +196,7 @@ class Editor:
         self.detach()
         new = {l: s.copy() for l, s in self.layers.items()}
         try:
-            with HookLayers(self.model, self.layout, self.hook_weights(gated=True)) as hooks:
+            with HookLayers(self.model, self.layout, self.layers) as hooks:
                 # 1. target values with the validated hooks (the model as edited so far)
                 z = target_values(self.model, self.tokenizer, self.layout, batch, hp, self.templates, progress=self.progress)
                 bad = (~torch.isfinite(z).all(dim=1)).nonzero().flatten().tolist()
@@ -254,7 +205,7 @@ class Editor:
                                     "nothing was written")
                 # 2. temporary hooks everywhere, then write layer by layer
                 for l, s in new.items():
-                    hooks.set(l, HookWeights(s.delta, s.alpha, gated=False))
+                    hooks.set(l, s, gated=False)
 
                 def apply(layer: int, delta: torch.Tensor, keys: torch.Tensor) -> None:
                     bad_keys = (~torch.isfinite(keys).all(dim=1)).nonzero().flatten().tolist()
@@ -269,7 +220,7 @@ class Editor:
                     if state.c0 is not None:
                         state.span = span_gate(state.c0, state.c_accu, hp.mom2_update_weight)
                     # validated from here on, with the previous batch's α (as the reference)
-                    hooks.set(layer, HookWeights(state.delta, state.alpha, True, state.span))
+                    hooks.set(layer, state.copy())
 
                 write_layers(
                     self.model, self.tokenizer, self.layout, batch, hp.layers, self.templates, z,
@@ -277,7 +228,8 @@ class Editor:
                 )
                 # 3. α: span gate — calibrated on held-back general text under the new hooks;
                 if hp.gate == "span":
-                    alphas = self._calibrate(hooks, batch)
+                    alphas = calibrate_span(hooks, self.model, self.tokenizer, self.layout, self.calibration, batch,
+                                            hp.gate_false_open, hp.gate_false_open_max, hp.gate_subject_share)
                     for l, a in alphas.items():
                         new[l].alpha = a
             if hp.gate == "reference":
@@ -315,23 +267,6 @@ class Editor:
                 raise RequestError(f"request {i}: prompt and target take {longest} tokens with a context template, "
                                    f"more than the model's {limit} positions; shorten the prompt")
 
-    @torch.no_grad()
-    def _calibrate(self, hooks: HookLayers, batch: Sequence[Request]) -> dict[int, float]:
-        """The span gate's α per layer: one pass over the held-back general text and the batch's bare prompts."""
-        hp = self.hparams
-        prompts = [encode_prompt(self.tokenizer, r.text) for r in batch]
-        subjects = [(len(self.calibration) + i, subject_last_index(self.tokenizer, r.prompt, r.subject))
-                    for i, r in enumerate(batch)]
-        ids, mask = pad_batch(self.calibration + prompts, self.tokenizer.pad_token_id, model_device(self.model))
-        last = self.layout.mlp_out_name(max(self.layers))
-
-        def run() -> None:
-            with trace(self.model, [last], stop_after=last):
-                self.model(input_ids=ids, attention_mask=mask)
-
-        return hooks.calibrate(run, lambda z: span_threshold(z, len(self.calibration), subjects, hp.gate_false_open,
-                                                             hp.gate_false_open_max))
-
     def edit_batches(self, requests: Sequence[Mapping[str, Any] | Request], batch_size: int | None = None) -> list[dict]:
         """Consecutive batches of `batch_size` (validated all together before the first)."""
         reqs = make_requests(requests)
@@ -344,10 +279,9 @@ class Editor:
         return infos
 
     # ------------------------------------------------------------------ state on disk
-    def config(self, tensor_file: str) -> dict[str, Any]:
+    def config(self) -> dict[str, Any]:
+        """What adapter_config.json says besides the tensors (deterministic: no timestamps)."""
         return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
             "comeba_version": __version__,
             "base_model": {
                 "name_or_path": str(getattr(self.model, "name_or_path", "") or ""),
@@ -355,174 +289,41 @@ class Editor:
                 "architecture": self.layout.name,
                 "model_type": getattr(self.model.config, "model_type", None),
             },
-            "layers": list(self.hparams.layers),
-            "alpha": {str(l): s.alpha for l, s in self.layers.items()},
+            "gate": self.hparams.gate,
             "n_batches": self.n_batches,
             "n_edits": self.n_edits,
             "hparams": self.hparams.to_dict(),
-            "context_templates": self.templates,
-            "statistics": self.stats_provenance,
-            "tensors": tensor_file,
-            "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
-    def save(self, directory: str | Path) -> Path:
-        """Write the state atomically: the old state stays valid until the new one is complete."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        with writer_lock(directory):
-            return self._save_locked(directory)
+    def save_pretrained(self, directory: str | Path, final: bool = False) -> Path:
+        """Write the state in one step (the old state stays valid until the new one is complete).
 
-    def _save_locked(self, directory: Path) -> Path:
-        tensor_file = f"state-{uuid.uuid4().hex[:12]}.safetensors"
-        tensors = {}
-        for l, s in self.layers.items():
-            tensors[f"delta.{l}"] = s.delta.detach().cpu().contiguous()
-            tensors[f"c_accu.{l}"] = s.c_accu.detach().cpu().contiguous()
-            if s.c0 is not None:
-                tensors[f"c0.{l}"] = s.c0.detach().cpu().contiguous()
-        if self.calibration:
-            ids, mask = pad_batch(self.calibration, 0)
-            tensors["calibration.ids"] = ids
-            tensors["calibration.lengths"] = mask.sum(1)
-        atomic_save_tensors(directory / tensor_file, tensors)
-        config = self.config(tensor_file)
-        config["tensors_sha256"] = sha256_file(directory / tensor_file)
-        atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2))
-        for old in directory.glob("state-*.safetensors"):  # a reader that has them open keeps reading them
-            if old.name != tensor_file:
-                old.unlink(missing_ok=True)
-        return directory
+        `final=True` writes only what inference needs (ΔW, α, the gate), not
+        the covariances that further editing needs.
+        """
+        editing = None if final else {"context_templates": self.templates, "statistics": self.stats_provenance}
+        modules = {l: self.layout.mlp_out_name(l) for l in self.layers}
+        return write_state(directory, self.config(), self.layers, modules, editing, self.calibration)
 
     @classmethod
-    def load(cls, directory: str | Path, model, tokenizer, progress: bool = True) -> "Editor":
-        """Resume a saved state onto a fresh copy of its base model (refuses any other model)."""
-        directory = Path(directory)
-        name = None
-        for attempt in range(3):  # a writer may replace the state between reading its config and its tensors
-            try:
-                config = read_config(directory)
-                name = config["tensors"]
-                tensors = _read_tensors(directory, config)
-                break
-            except (StateError, FileNotFoundError) as err:
-                try:
-                    now = json.loads((directory / CONFIG_FILE).read_text()).get("tensors")
-                except (OSError, ValueError, AttributeError):
-                    now = None
-                if now is None or now == name or attempt == 2:  # not a replaced state: a real error
-                    if isinstance(err, FileNotFoundError):
-                        raise StateError(f"{directory}: tensor file {name!r} named in {CONFIG_FILE} is missing") from None
-                    raise
-                name = now
-        fp = fingerprint(model)
-        base = config["base_model"]
-        if base.get("fingerprint") != fp:
-            raise StateError(
-                f"the editor state in {directory} was made for base model {base.get('name_or_path')!r} "
-                f"(fingerprint {base.get('fingerprint')}), but the given model "
-                f"{getattr(model, 'name_or_path', '?')!r} has fingerprint {fp}: load the state onto the model it was made for, "
-                "in the dtype it was made in"
-            )
-        # States saved before the span gate existed used the reference gate.
-        hp = HParams.from_dict({"gate": "reference", **config["hparams"]})
-        layout = detect_layout(model)
+    def from_pretrained(cls, model, tokenizer, directory: str | Path, progress: bool = True) -> "Editor":
+        """Go on editing a saved state, on the model it was made for (any other model is refused)."""
+        saved = read_state(directory, editing=True)
+        fp = check_base_model(saved, model, directory)
+        hp = HParams.from_dict(saved.config["hparams"])
         layers = {}
-        for l in hp.layers:
-            w0 = mlp_out_weight(model, layout, l)
-            try:
-                delta, c_accu = tensors[f"delta.{l}"], tensors[f"c_accu.{l}"]
-            except KeyError as err:
-                raise StateError(f"editor state in {directory} lacks tensor {err}") from None
-            if tuple(delta.shape) != tuple(w0.shape) or c_accu.shape != (w0.shape[1], w0.shape[1]):
-                raise StateError(f"editor state in {directory}: layer {l} tensors do not match the model's shapes")
-            c0 = tensors.get(f"c0.{l}")
-            if hp.gate == "span" and (c0 is None or c0.shape != c_accu.shape):
+        for l, st in saved.layers.items():
+            device = mlp_out_weight(model, detect_layout(model), l).device
+            if hp.gate == "span" and (st.c0 is None or st.c0.shape != st.c_accu.shape):
                 raise StateError(f"editor state in {directory} lacks the span gate's C0 of layer {l}")
-            for what, t in (("ΔW", delta), ("C_accu", c_accu), ("C0", c0)):
-                if t is not None and not bool(torch.isfinite(t).all()):
-                    raise StateError(f"editor state in {directory} is damaged: {what} of layer {l} holds NaN or "
-                                     "infinite values; it was not loaded")
-            layers[l] = LayerState(delta.to(w0.device, torch.float32), c_accu.to(w0.device, torch.float64),
-                                   float(config["alpha"][str(l)]),
-                                   c0=c0.to(w0.device) if hp.gate == "span" else None)
-        calibration = None
-        if hp.gate == "span":
-            if "calibration.ids" not in tensors:
-                raise StateError(f"editor state in {directory} lacks the span gate's calibration text")
-            ids, lengths = tensors["calibration.ids"], tensors["calibration.lengths"]
-            calibration = [row[: int(n)].tolist() for row, n in zip(ids, lengths)]
-        return cls(model, tokenizer, hp, layers, config["context_templates"], model_fingerprint=fp,
-                   stats_provenance=config.get("statistics"), n_batches=int(config["n_batches"]),
-                   n_edits=int(config["n_edits"]), calibration=calibration, progress=progress)
-
-
-def _read_tensors(directory: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The state's tensors, verified against the digest recorded at save time (states saved before digests
-    were recorded are only checked for readability)."""
-    path = directory / config["tensors"]
-    if not path.is_file():
-        raise FileNotFoundError(path)
-    expected = config.get("tensors_sha256")
-    if expected is not None and sha256_file(path) != expected:
-        raise StateError(f"editor state in {directory} is damaged: {path.name} does not match the checksum "
-                         f"recorded when it was saved; it was not loaded")
-    try:
-        return load_file(str(path))
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-        raise StateError(f"editor state in {directory}: {path.name} cannot be read (truncated or damaged: "
-                         f"{_first_line(err)})") from None
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
-def read_config(directory: str | Path) -> dict[str, Any]:
-    """The saved config, with errors that say what is wrong with the folder."""
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise StateError(f"{directory} holds no comeba editor state ({CONFIG_FILE} missing)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise StateError(f"{path} is not valid JSON: {err}") from None
-    if config.get("format") != FORMAT:
-        raise StateError(f"{path} is not a comeba editor state (format {config.get('format')!r})")
-    if config.get("format_version") != FORMAT_VERSION:
-        raise StateError(f"{path} has format version {config.get('format_version')}, this comeba reads {FORMAT_VERSION}")
-    if not (Path(directory) / config.get("tensors", "")).is_file():
-        raise StateError(f"{directory}: tensor file {config.get('tensors')!r} named in {CONFIG_FILE} is missing")
-    return config
-
-
-# ---------------------------------------------------------------------------- α and generation
-
-
-@torch.no_grad()
-def batch_gate_maxima(model, tokenizer, layout: Layout, prompts: Sequence[str],
-                      deltas: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Per layer, each prompt's largest gate score under ΔW, keys from the model as it runs (no hooks)."""
-    device = model_device(model)
-    ids, mask = pad_batch([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id, device)
-    names = {l: layout.mlp_out_name(l) for l in deltas}
-    last = names[max(deltas)]
-    with trace(model, list(names.values()), inputs=True, stop_after=last) as rec:
-        model(input_ids=ids, attention_mask=mask)
-    out = {}
-    for l, name in names.items():
-        m = hook_addition(rec[name].input, deltas[l].to(device, torch.float32)).norm(dim=-1)
-        z = gate_scores(m, mask)
-        out[l] = torch.nan_to_num(z, nan=-math.inf).max(dim=1).values
-    return out
-
-
-def adapt_alpha(alpha: float, prompt_maxima: torch.Tensor) -> float:
-    """α = min(α, min over prompts of their max gate score); never increases, ignores non-finite scores."""
-    finite = prompt_maxima[torch.isfinite(prompt_maxima)]
-    if finite.numel() == 0:
-        return alpha
-    return min(alpha, float(finite.min()))
+            layers[l] = LayerState(st.delta.to(device, torch.float32), st.alpha,
+                                   st.span.to(device) if st.span is not None else None,
+                                   st.c_accu.to(device, torch.float64), st.c0.to(device) if st.c0 is not None else None)
+        if hp.gate == "span" and not saved.calibration:
+            raise StateError(f"editor state in {directory} lacks the span gate's calibration text")
+        return cls._assemble(model, tokenizer, hp, layers, saved.editing["context_templates"], model_fingerprint=fp,
+                             stats_provenance=saved.editing.get("statistics"), n_batches=int(saved.config["n_batches"]),
+                             n_edits=int(saved.config["n_edits"]), calibration=saved.calibration, progress=progress)
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -18,6 +19,11 @@ IGNORED_KEYS = {
 GATES = ("span", "reference")
 OPTIMIZERS = ("lbfgs", "adam")
 ALIASES = {"mom2_n_samples": "mom2_n_tokens", "threshold": "alpha", "init_alpha": "alpha"}
+
+
+def _setting(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING) -> Any:
+    """A field with its help text: the README's hyperparameter table is `markdown_table()` of these."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
 
 
 class HParamsError(ValueError):
@@ -38,37 +44,67 @@ class HParams:
     minimum from `alpha`).
     """
 
-    layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
-    fact_token: str = "subject_last"
-    v_optimizer: str = "lbfgs"
-    v_num_grad_steps: int = 25
-    v_lr: float = 0.5
-    v_weight_decay: float = 1e-3
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    early_stop_loss: float = 0.05
-    mom2_update_weight: float = 1000.0
-    mom2_dataset: str = "auto"
-    mom2_n_tokens: int = 100_000
-    mom2_dtype: str = "float32"
-    alpha: float = 2.2
-    gate: str = "span"
-    gate_false_open: float = 1e-3
-    gate_false_open_max: float = 5e-3
-    gate_calibration_tokens: int = 4096
-    gate_alpha0: float = 0.1
-    context_template_length: int = 10
-    context_template_prefixes: list[str] = field(
-        default_factory=lambda: ["The", "Therefore", "Because", "I", "You"]
-    )
-    batch_size: int = 30
-    seed: int = 0
+    layers: list[int] = _setting(factory=lambda: [4, 5, 6, 7, 8], help="edited layers (MLP output projections), increasing")
+    fact_token: str = _setting(
+        "subject_last",
+        "where keys and values are read: the subject's last token (the only choice)")
+    v_optimizer: str = _setting(
+        "lbfgs",
+        "target-value optimiser: `lbfgs` (L-BFGS with a trust radius per request; see [Speed](#speed)) or `adam` "
+        "(the reference schedule)")
+    v_num_grad_steps: int = _setting(
+        25,
+        "at most this many forward/backward passes per request in the target-value optimisation")
+    v_lr: float = _setting(0.5, "Adam's learning rate; L-BFGS's first trial step is 2 · v_lr · √d long")
+    v_weight_decay: float = _setting(1e-3, "weight of ‖δ‖ / ‖h‖² in its loss")
+    clamp_norm_factor: float = _setting(4.0, "δ is kept within this × ‖h‖")
+    kl_factor: float = _setting(0.0625, "weight of the KL term on the \"{subject} is a\" prompt")
+    early_stop_loss: float = _setting(0.05, "stop the optimisation below this loss")
+    mom2_update_weight: float = _setting(1000.0, "λ in C_accu = λ·C0 + Σ K Kᵀ (C0 normalised per token)")
+    mom2_dataset: str = _setting(
+        "auto",
+        "statistics corpus when no `--stats-text`: `auto` (wikitext-103 online, else model samples), `samples`, a"
+        " local path, or an HF dataset `NAME[:CONFIG[:SPLIT]]`")
+    mom2_n_tokens: int = _setting(100_000, "tokens for the key statistics")
+    mom2_dtype: str = _setting("float32", "dtype the statistics are cached in (`float32` / `float64`)")
+    alpha: float = _setting(2.2, "reference gate: initial threshold α₀ (α only decreases, batch by batch)")
+    gate: str = _setting(
+        "span",
+        "the gate: `span` (see [The gate](#the-gate)) or `reference` (the authors' z-score rule)")
+    gate_false_open: float = _setting(
+        1e-3,
+        "span gate: α is the (1 − ε) quantile of the gate score on held-back general text, so the gate opens on a"
+        " share ε of such tokens")
+    gate_false_open_max: float = _setting(
+        5e-3,
+        "span gate: α is lowered below that quantile only as far as the batch's own edited subjects need to open "
+        "the gate, and never below the (1 − this) quantile")
+    gate_subject_share: float = _setting(
+        0.5,
+        "span gate: α is at least this share ρ of the median score of the batch's edited subjects, so that keys "
+        "much less like an edit than the edits themselves (other subjects ending in the same word) keep the gate "
+        "shut; 0 turns this floor off")
+    gate_calibration_tokens: int = _setting(
+        4096,
+        "span gate: tokens of held-back general text (from the statistics corpus, after the tokens C0 used) that "
+        "α is calibrated on, once per batch")
+    gate_alpha0: float = _setting(0.1, "span gate: α while the first batch is written, before the first calibration")
+    context_template_length: int = _setting(10, "tokens of each generated context prefix")
+    context_template_prefixes: list[str] = _setting(factory=lambda: ["The", "Therefore", "Because", "I", "You"],
+                                                    help="seeds of the context prefixes")
+    batch_size: int = _setting(30, "edits per consecutive batch (CLI `--batch-size`)")
+    seed: int = _setting(0, "seed of the context templates and the sampled-text corpus")
     # AlphaEdit (baseline only; see comeba.alphaedit). The null space of C0 keeps the
     # smallest-eigenvalue directions holding at most `nullspace_energy` of trace(C0), unless
     # `nullspace_threshold` (absolute eigenvalue bound, EasyEdit's key) is set; `L2` weighs ‖ΔP‖².
-    nullspace_energy: float = 0.05
-    nullspace_threshold: float | None = None
-    L2: float = 1.0
+    nullspace_energy: float = _setting(
+        0.05,
+        "AlphaEdit baseline only: its null space of C0 is the smallest-eigenvalue directions holding at most this"
+        " share of trace(C0)")
+    nullspace_threshold: float | None = _setting(
+        None,
+        "AlphaEdit baseline only: an absolute eigenvalue bound instead (EasyEdit's key)")
+    L2: float = _setting(1.0, "AlphaEdit baseline only: weight of ‖ΔP‖² in its solve")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -100,6 +136,8 @@ class HParams:
             raise HParamsError(f"gate_false_open must be in (0, 1), got {self.gate_false_open!r}")
         if not self.gate_false_open <= self.gate_false_open_max < 1:
             raise HParamsError(f"gate_false_open_max must be in [gate_false_open, 1), got {self.gate_false_open_max!r}")
+        if not 0 <= self.gate_subject_share < 1:
+            raise HParamsError(f"gate_subject_share must be in [0, 1), got {self.gate_subject_share!r}")
         if not 0 < self.gate_alpha0 < 1:
             raise HParamsError(f"gate_alpha0 must be in (0, 1), got {self.gate_alpha0!r}")
         if not isinstance(self.gate_calibration_tokens, int) or self.gate_calibration_tokens < 16:
@@ -146,3 +184,22 @@ class HParams:
 
     def replace(self, **changes: Any) -> "HParams":
         return dataclasses.replace(self, **changes)
+
+
+def _markdown_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, (str, list)):
+        return f"`{json.dumps(value) if isinstance(value, list) else value}`"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def markdown_table() -> str:
+    """The hyperparameter table of the README (key, default, meaning), from the fields' defaults and help."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    defaults = HParams()
+    for f in dataclasses.fields(HParams):
+        rows.append(f"| `{f.name}` | {_markdown_value(getattr(defaults, f.name))} | {f.metadata['help']} |")
+    return "\n".join(rows) + "\n"

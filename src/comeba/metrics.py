@@ -13,7 +13,7 @@ and of EasyEdit (which scores ``prompt + " " + target``). So
 ``Request.target_new``, a raw ``ground_truth`` and a raw
 ``locality_ground_truth`` can all be passed as they are.
 
-Metrics (DESIGN.md §3):
+Metrics (docs/evaluation.md):
 
 - reliability / generality: `token_accuracy` (EasyEdit's teacher-forced token
   accuracy) on (prompt, target_new) / (rephrase, target_new);

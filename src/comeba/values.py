@@ -1,4 +1,4 @@
-"""Target values: the output z of the last edited layer that makes each new fact likely (DESIGN §2, step 1).
+"""Target values: the output z of the last edited layer that makes each new fact likely (docs/method.md §3.1).
 
 The loss lives in one place (`_Objective`); two optimisers minimise it over
 δ, one row per request, each row on its own schedule so that a request's
@@ -103,7 +103,7 @@ def new_cache(model):
 
 
 class _Objective:
-    """The loss of DESIGN §2 step 1 for a chunk of requests, as a function of δ (n, d_model).
+    """The target-value loss (docs/method.md §3.1) for a chunk of requests, as a function of δ (n, d_model).
 
     Every sequence is split at the subject's last token. The prefix
     (left-padded, explicit positions) is run once with a KV cache; each
@@ -186,7 +186,7 @@ class _Objective:
         """Loss per request (n,) at `delta`, differentiable; 0 for requests not `active`.
 
         Rewriting NLL (per prompt: summed over target tokens / their number; mean over the request's
-        prompts) + kl_factor · KL(p at δ=0 ‖ p now) on "{subject} is a" at the subject's last token
+        prompts) + kl_factor · KL(p now ‖ p at δ=0) on "{subject} is a" at the subject's last token
         + v_weight_decay · ‖δ‖ / ‖h‖².
         """
         hp, device, n = self.hp, self.device, self.n
@@ -221,7 +221,7 @@ class _Objective:
                 self.kl_init = torch.zeros(n, now.shape[-1], device=device)
                 self.kl_init[kl_owner] = now.detach()
             ref = self.kl_init[kl_owner]
-            kl = kl.index_add(0, kl_owner, (ref.exp() * (ref - now)).sum(-1))
+            kl = kl.index_add(0, kl_owner, (now.exp() * (now - ref)).sum(-1))  # KL(now ‖ at δ=0), as EasyEdit
         decay = hp.v_weight_decay * delta.norm(dim=-1) / self.h_init.norm(dim=-1) ** 2
         return torch.where(active, nll + hp.kl_factor * kl + decay, torch.zeros_like(nll))
 

@@ -1,0 +1,221 @@
+"""The gate of a hook layer: which tokens get the hook's output, and how its threshold α is calibrated.
+
+A hook layer at layer l holds ΔW = W_h − W_0 (float32, never the model's
+weight). Attached to the model it adds ΔW·k to the projection's output: a
+*temporary* hook everywhere, a *validated* hook only at tokens whose gate
+score reaches the layer's threshold α. Two gates:
+
+- ``span`` (the default): a per-token score of how much of the key k lies in
+  the span of the edited keys, both whitened against general text (C0):
+  h(k) = kᵀ G k / kᵀ (λC0)⁻¹ k with G = (λC0)⁻¹ − C_accu⁻¹, in [0, 1). It needs
+  no per-sequence statistics and does not depend on the key's norm, so it
+  has the same meaning in a 3-token prompt and a long document. α is
+  calibrated after every batch as the (1 − ε) quantile of h over held-back
+  general text run through the hooks as at inference, so it rises as well
+  as falls. A token's gate depends on its key alone, with or without a KV
+  cache.
+- ``reference`` (the authors' rule, kept reproducible): the z-score
+  z_j = (m_j − mean(m)) / std(m), m_j = ‖ΔW·k_j‖, over the non-padding tokens
+  of each sequence seen so far in the current call (so generation with a KV
+  cache gates each new token with the statistics of the whole text up to
+  it); α is a running minimum of the edited prompts' largest z-scores.
+"""
+
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+
+from .models import Layout
+from .text import encode_prompt, model_device, pad_batch, subject_last_index
+from .trace import trace
+
+if TYPE_CHECKING:  # the hooks call the gate; calibration drives the hooks
+    from .hooks import HookLayers
+    from .requests import Request
+
+
+def hook_addition(k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """ΔW·k in float32: what a hook adds to the projection's output (its norm is the gate magnitude m)."""
+    return k.to(torch.float32) @ delta.T
+
+
+@dataclass
+class SpanGate:
+    """The span gate of one layer: whitening P = L⁻¹ (λC0 = L Lᵀ) and H = (I + S_w)⁻¹ S_w, both float32.
+
+    With w = P k the key whitened against general text and S_w = P (Σ K Kᵀ) Pᵀ
+    the accumulated edit keys in the same coordinates, the score
+    h(k) = wᵀ H w / wᵀ w = kᵀ G k / kᵀ (λC0)⁻¹ k, G = (λC0)⁻¹ − C_accu⁻¹, is the
+    share of the key's whitened energy that lies in the span of the edited
+    keys: in [0, 1), independent of the key's norm and of the sequence.
+    """
+
+    whiten: torch.Tensor
+    span: torch.Tensor
+
+    def to(self, device) -> "SpanGate":
+        return SpanGate(self.whiten.to(device=device, dtype=torch.float32),
+                        self.span.to(device=device, dtype=torch.float32))
+
+
+def span_gate(c0: torch.Tensor, c_accu: torch.Tensor, lam: float) -> SpanGate:
+    """The span gate of C_accu = λC0 + Σ K Kᵀ, computed in float64 (H is well conditioned: eigenvalues in [0, 1))."""
+    c0 = c0.to(torch.float64)
+    c_accu = c_accu.to(torch.float64)
+    a0 = lam * c0
+    eye = torch.eye(a0.shape[0], dtype=torch.float64, device=a0.device)
+    chol = _cholesky_with_jitter(a0, eye)
+    whiten = torch.linalg.solve_triangular(chol, eye, upper=False)  # L⁻¹
+    s_w = whiten @ (c_accu - a0) @ whiten.T
+    s_w = 0.5 * (s_w + s_w.T)
+    h = torch.cholesky_solve(s_w, torch.linalg.cholesky(eye + s_w))
+    h = 0.5 * (h + h.T)
+    return SpanGate(whiten.to(torch.float32), h.to(torch.float32))
+
+
+def _cholesky_with_jitter(a: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of a symmetric PSD matrix; a C0 from little text can be singular, so add the
+    smallest ridge (relative to its mean diagonal) that makes it positive definite."""
+    chol, info = torch.linalg.cholesky_ex(a)
+    scale = float(a.diagonal().mean().clamp(min=1e-30))
+    for rel in (1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
+        if int(info) == 0:
+            return chol
+        chol, info = torch.linalg.cholesky_ex(a + rel * scale * eye)
+    if int(info) != 0:
+        raise ValueError("the key statistics C0 are not positive semi-definite (non-finite values?)")
+    return chol
+
+
+def span_scores(k: torch.Tensor, gate: SpanGate) -> torch.Tensor:
+    """h(k) = wᵀ H w / wᵀ w per token (float32, NaN for a zero key): the span gate's score."""
+    w = k.to(torch.float32) @ gate.whiten.T
+    return ((w @ gate.span) * w).sum(-1) / (w * w).sum(-1)
+
+
+def calibrated_threshold(scores: torch.Tensor, false_open: float) -> float:
+    """The (1 − ε) quantile of general-text scores: the gate then opens on a share ε of such tokens."""
+    flat = scores.reshape(-1).to(torch.float64)
+    flat = flat[torch.isfinite(flat)]
+    if flat.numel() == 0:
+        raise ValueError("no finite gate scores to calibrate on")
+    return float(torch.quantile(flat, 1.0 - false_open))
+
+
+def span_threshold(scores: torch.Tensor, general_rows: int, subjects: Sequence[tuple[int, int]],
+                   false_open: float, false_open_max: float, subject_share: float = 0.0) -> float:
+    """The span gate's α from one calibration pass: rows [0, general_rows) are held-back general text,
+    `subjects` the (row, position) of this batch's edited subjects in the rows after them.
+
+    α is the (1 − ε) quantile of the general text, but at least a share ρ
+    (`subject_share`) of the median score of the batch's subjects: a key must
+    look about as much like the edited keys as the edits themselves do, which
+    keeps the gate shut on other subjects that merely end in the same word
+    ("… County", "… Airport"), whose scores lie between general text and the
+    edits. Below that floor, α is lowered just enough that every subject of
+    the batch opens the gate, but never below the (1 − ε_max) quantile.
+    """
+    general = scores[:general_rows]
+    alpha = calibrated_threshold(general, false_open)
+    if subjects:
+        rows = torch.tensor([r for r, _ in subjects], device=scores.device)
+        cols = torch.tensor([c for _, c in subjects], device=scores.device)
+        need = scores[rows, cols].to(torch.float64)
+        need = need[torch.isfinite(need)]
+        if need.numel():
+            floor = subject_share * float(need.median())
+            alpha = max(calibrated_threshold(general, false_open_max), floor,
+                        min(max(alpha, floor), float(need.min())))
+    return alpha
+
+
+def gate_scores(m: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """z-scores of per-token magnitudes `m` (B, T) within each sequence, padding excluded.
+
+    Non-valid positions and sequences with fewer than two tokens get NaN.
+    """
+    stats = RunningStats.zeros(m.shape[0], m.device)
+    return stats.update(m, mask)
+
+
+@dataclass
+class RunningStats:
+    """Per-sequence count, sum and sum of squares of gate magnitudes (float64)."""
+
+    n: torch.Tensor
+    s1: torch.Tensor
+    s2: torch.Tensor
+
+    @classmethod
+    def zeros(cls, batch: int, device: torch.device) -> "RunningStats":
+        z = torch.zeros(batch, dtype=torch.float64, device=device)
+        return cls(z.clone(), z.clone(), z.clone())
+
+    def update(self, m: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Add this chunk's valid tokens, then return their z-scores (NaN elsewhere)."""
+        valid = mask.to(torch.bool)
+        m64 = m.to(torch.float64)
+        w = valid.to(torch.float64)
+        self.n = self.n + w.sum(1)
+        self.s1 = self.s1 + (m64 * w).sum(1)
+        self.s2 = self.s2 + (m64 * m64 * w).sum(1)
+        mean = self.s1 / self.n.clamp(min=1)
+        var = (self.s2 - self.n * mean * mean) / (self.n - 1)
+        std = var.clamp(min=0).sqrt()
+        std = torch.where(self.n > 1, std, torch.full_like(std, math.nan))
+        z = (m64 - mean[:, None]) / std[:, None]
+        return torch.where(valid, z, torch.full_like(z, math.nan))
+
+
+# ---------------------------------------------------------------------------- calibration
+
+
+@torch.no_grad()
+def calibrate_span(hooks: "HookLayers", model, tokenizer, layout: Layout, calibration: Sequence[Sequence[int]],
+                   batch: Sequence["Request"], false_open: float, false_open_max: float,
+                   subject_share: float = 0.0) -> dict[int, float]:
+    """The span gate's α per layer: one pass over the held-back general text and the batch's bare prompts,
+    with the hooks as they are at inference (`span_threshold` is the rule)."""
+    prompts = [encode_prompt(tokenizer, r.text) for r in batch]
+    subjects = [(len(calibration) + i, subject_last_index(tokenizer, r.prompt, r.subject))
+                for i, r in enumerate(batch)]
+    ids, mask = pad_batch(list(calibration) + prompts, tokenizer.pad_token_id, model_device(model))
+    last = layout.mlp_out_name(max(hooks.weights))
+
+    def run() -> None:
+        with trace(model, [last], stop_after=last):
+            model(input_ids=ids, attention_mask=mask)
+
+    return hooks.calibrate(run, lambda z: span_threshold(z, len(calibration), subjects, false_open, false_open_max,
+                                                         subject_share))
+
+
+@torch.no_grad()
+def batch_gate_maxima(model, tokenizer, layout: Layout, prompts: Sequence[str],
+                      deltas: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Reference gate: per layer, each prompt's largest z-score under ΔW, keys from the model as it runs (no hooks)."""
+    device = model_device(model)
+    ids, mask = pad_batch([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id, device)
+    names = {l: layout.mlp_out_name(l) for l in deltas}
+    last = names[max(deltas)]
+    with trace(model, list(names.values()), inputs=True, stop_after=last) as rec:
+        model(input_ids=ids, attention_mask=mask)
+    out = {}
+    for l, name in names.items():
+        m = hook_addition(rec[name].input, deltas[l].to(device, torch.float32)).norm(dim=-1)
+        z = gate_scores(m, mask)
+        out[l] = torch.nan_to_num(z, nan=-math.inf).max(dim=1).values
+    return out
+
+
+def adapt_alpha(alpha: float, prompt_maxima: torch.Tensor) -> float:
+    """Reference gate: α = min(α, min over prompts of their max z-score); never increases, ignores non-finite scores."""
+    finite = prompt_maxima[torch.isfinite(prompt_maxima)]
+    if finite.numel() == 0:
+        return alpha
+    return min(alpha, float(finite.min()))
