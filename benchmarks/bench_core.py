@@ -121,8 +121,10 @@ def main(argv=None) -> int:
     from comeba.data import load_counterfact
     from comeba.editor import Editor
     from comeba.hparams import HParams
-    from comeba.models import comeba_home, detect_layout, fingerprint, load_model, resolve_model_path, weights_checksum
-    from comeba.stats import load_or_compute_stats, text_corpus
+    from comeba.embedded import comeba_home, resolve_model_path
+    from comeba.models import detect_layout, fingerprint, load_model, weights_checksum
+    from comeba.stats import load_or_compute_stats
+    from comeba.corpus import text_corpus
 
     for path, what in ((args.stats_text, "--stats-text"), (args.counterfact, "--counterfact")):
         if not Path(path).is_file():

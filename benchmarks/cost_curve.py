@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     from comeba.editor import Editor, greedy_generate
     from comeba.hparams import HParams
     from comeba.models import load_model
-    from comeba.stats import text_corpus
+    from comeba.corpus import text_corpus
 
     model, tokenizer = load_model("embedded", device=device)
     requests = load_counterfact(args.data, offset=0, n=args.n).requests

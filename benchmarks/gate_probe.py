@@ -32,7 +32,8 @@ from comeba.compute import context_templates, subject_keys  # noqa: E402
 from comeba.data import load_counterfact  # noqa: E402
 from comeba.hparams import HParams  # noqa: E402
 from comeba.models import detect_layout, fingerprint, load_model  # noqa: E402
-from comeba.stats import load_or_compute_stats, text_corpus  # noqa: E402
+from comeba.stats import load_or_compute_stats  # noqa: E402
+from comeba.corpus import text_corpus  # noqa: E402
 from comeba.text import encode_prompt, pad_batch, subject_last_index  # noqa: E402
 from comeba.trace import trace  # noqa: E402
 

@@ -78,7 +78,7 @@ def worker(job: dict) -> dict:
     from comeba.editor import Editor
     from comeba.hparams import HParams
     from comeba.models import load_model
-    from comeba.stats import text_corpus
+    from comeba.corpus import text_corpus
 
     model, tokenizer = load_model("embedded", device=job["device"])
     hp = HParams(**job.get("hparams", {}))

@@ -26,7 +26,7 @@ from comeba.data import load_counterfact
 from comeba.evaluate import Settings, evaluate
 from comeba.hparams import HParams
 from comeba.models import load_model
-from comeba.stats import text_corpus
+from comeba.corpus import text_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

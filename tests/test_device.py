@@ -21,7 +21,8 @@ from comeba.hparams import HParams
 from comeba.methods import METHODS
 from comeba.models import detect_layout, fingerprint, resolve_device, weights_checksum
 from comeba.scoring import CORE
-from comeba.stats import compute_second_moments, text_corpus
+from comeba.stats import compute_second_moments
+from comeba.corpus import text_corpus
 from test_editor import HP as EDITOR_HP
 from test_editor import R1, R2, R3, _p_first
 from test_evaluate import HP as EVAL_HP

@@ -19,7 +19,7 @@ from comeba.hparams import HParams
 from comeba.models import weights_checksum
 from comeba.requests import RequestError
 from comeba.text import model_device
-from comeba.stats import text_corpus
+from comeba.corpus import text_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread", "shared_comeba_home")
 

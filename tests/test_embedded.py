@@ -16,8 +16,9 @@ import torch
 
 from comeba.editor import Editor, greedy_generate
 from comeba.hparams import HParams
-from comeba.models import EMBEDDED_INSTALL_HINT, embedded_gguf_path, load_model, weights_checksum
-from comeba.stats import samples_corpus, text_corpus
+from comeba.embedded import EMBEDDED_INSTALL_HINT, embedded_gguf_path
+from comeba.models import load_model, weights_checksum
+from comeba.corpus import samples_corpus, text_corpus
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,8 @@ from comeba.methods import METHODS, PROTOCOLS
 from comeba.models import detect_layout, mlp_out_weight, weights_checksum
 from comeba.requests import make_requests
 from comeba.scoring import CORE, Settings, aggregate, evaluate_requests, locality_reference
-from comeba.stats import load_or_compute_stats, text_corpus
+from comeba.stats import load_or_compute_stats
+from comeba.corpus import text_corpus
 from test_metrics import ShiftModel, _word_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread", "shared_comeba_home")

@@ -19,7 +19,7 @@ from comeba.hooks import HookLayers, LayerState
 from comeba.hparams import HParams
 from comeba.models import cache_kwarg, detect_layout
 from comeba.requests import make_requests
-from comeba.stats import text_corpus
+from comeba.corpus import text_corpus
 from comeba.text import pad_batch
 from test_editor import HP, R1, R2, R3, UNRELATED, _logits, _p_first, _write_v1
 

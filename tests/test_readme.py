@@ -36,7 +36,7 @@ def test_python_example_is_short_and_uses_only_comeba_and_transformers():
 
 @pytest.mark.slow
 def test_python_example_runs_as_written(tmp_path):
-    from comeba.models import EMBEDDED_INSTALL_HINT, embedded_gguf_path
+    from comeba.embedded import EMBEDDED_INSTALL_HINT, embedded_gguf_path
 
     try:
         embedded_gguf_path()

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from comeba.models import detect_layout, fingerprint
-from comeba.stats import compute_second_moments, load_or_compute_stats, samples_corpus, text_corpus
+from comeba.stats import compute_second_moments, load_or_compute_stats
+from comeba.corpus import samples_corpus, text_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

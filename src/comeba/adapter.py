@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from .files import TMP_PREFIX, replacing_directory, sha256_file, writer_lock
 from .gate import SpanGate, span_gate
 from .hooks import HookLayers, LayerState
-from .models import detect_layout, fingerprint, mlp_out_weight, num_layers
+from .models import detect_layout, fingerprint, mlp_out_device, mlp_out_weight, num_layers
 from .text import pad_batch
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -322,7 +322,7 @@ def load_edits(model, directory: str | Path) -> AppliedEdits:
     layout = detect_layout(model)
     layers = {}
     for l, st in saved.layers.items():
-        device = mlp_out_weight(model, layout, l).device
+        device = mlp_out_device(model, layout, l)  # not the meta device of an offloaded weight
         layers[l] = LayerState(st.delta.to(device, torch.float32), st.alpha,
                                st.span.to(device) if st.span is not None else None)
     return AppliedEdits(model, layers, saved.config)

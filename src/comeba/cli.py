@@ -2,8 +2,8 @@
 
     comeba edit --edits FILE.json [--model M] [--state DIR] [--batch-size N]
                 [--stats-text PATH ...] [--stats-tokens N] [--hparams FILE.yaml]
-                [--max-new-tokens N] [--quiet]
-    comeba generate [--state DIR] [--model M] [--max-new-tokens N] PROMPT...
+                [--max-new-tokens N] [--device-map auto|balanced|FILE.json] [--quiet]
+    comeba generate [--state DIR] [--model M] [--max-new-tokens N] [--device-map MAP] PROMPT...
     comeba stats [--model M] [--layers L ...] [--stats-text PATH ...]
                  [--stats-tokens N] [--hparams FILE.yaml]
     comeba eval --method METHOD (comeba.methods: comeba, no-hook, memit, ...)
@@ -11,7 +11,7 @@
                 [--batch-size B] [--protocol consecutive|single] [--checkpoint-every K]
                 [--stats-text PATH ...] [--stats-tokens N] [--hparams FILE.yaml]
                 [--model M] --out DIR [--no-generation] [--fluency-tokens N]
-                [--overwrite] [--quiet]
+                [--device-map MAP] [--overwrite] [--quiet]
 
 User errors (a bad file, a bad request, a state made for another model, a
 missing package) print one line ``comeba: error: ...`` on stderr and exit
@@ -89,6 +89,13 @@ def _model_placement(parser: argparse.ArgumentParser) -> None:
                              "Statistics and states belong to one dtype")
 
 
+def _device_map_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device-map", metavar="MAP", default=None,
+                        help="spread a model too big for one device over several, offloading the rest to the CPU "
+                             "or disk (accelerate): auto, balanced, or FILE.json mapping module names to devices "
+                             "(0, \"cuda:1\", \"cpu\", \"disk\"); instead of --device")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -124,6 +131,7 @@ def _add_edit(sub) -> None:
     e.add_argument("--gate", choices=GATES, default=None, help="gate of a new state (hparams gate; default span)")
     e.add_argument("--max-new-tokens", type=_positive_int, default=8, metavar="N", help="greedy tokens per answer (default 8)")
     _model_placement(e)
+    _device_map_option(e)
     e.add_argument("--quiet", action="store_true", help="no progress bars or chatter; only the results")
     e.set_defaults(func=cmd_edit)
 
@@ -135,6 +143,7 @@ def _add_generate(sub) -> None:
     g.add_argument("--model", metavar="M", default=None, help="the base model (default: the state's, else 'embedded')")
     g.add_argument("--max-new-tokens", type=_positive_int, default=20, metavar="N", help="greedy tokens (default 20)")
     _model_placement(g)
+    _device_map_option(g)
     g.add_argument("--quiet", action="store_true", help="print only the continuations")
     g.add_argument("prompts", nargs="+", metavar="PROMPT")
     g.set_defaults(func=cmd_generate)
@@ -187,6 +196,7 @@ def _add_eval(sub) -> None:
                         "(used if it matches, else computed and written)")
     v.add_argument("--overwrite", action="store_true", help="replace a different or finished run in --out")
     _model_placement(v)
+    _device_map_option(v)
     v.add_argument("--quiet", action="store_true", help="no progress bars or chatter; only the results")
     v.set_defaults(func=cmd_eval)
 

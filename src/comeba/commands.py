@@ -30,9 +30,13 @@ def _say(args: argparse.Namespace, *parts: Any) -> None:
 
 
 def _placement(model) -> str:
-    """'cpu, float32': where a loaded model runs and in what dtype (statistics and states depend on both)."""
+    """'cpu, float32': where a loaded model runs and in what dtype (statistics and states depend on both);
+    with --device-map, where its modules are."""
+    from .models import describe_device_map
+
     param = next(model.parameters())
-    return f"{param.device}, {str(param.dtype).replace('torch.', '')}"
+    where = describe_device_map(model) if getattr(model, "hf_device_map", None) else str(param.device)
+    return f"{where}, {str(param.dtype).replace('torch.', '')}"
 
 
 def load_model_for(name: str, args: argparse.Namespace):
@@ -40,7 +44,11 @@ def load_model_for(name: str, args: argparse.Namespace):
 
     _say(args, f"model: {name}")
     start = time.perf_counter()
-    model, tokenizer = load_model(name, dtype=args.dtype, device=args.device)
+    device_map = getattr(args, "device_map", None)
+    if device_map is not None and args.device not in (None, "auto"):
+        raise InputError("give either --device or --device-map, not both")
+    model, tokenizer = load_model(name, dtype=args.dtype, device=None if device_map is not None else args.device,
+                                  device_map=device_map)
     _say(args, f"  loaded in {time.perf_counter() - start:.1f} s ({_placement(model)})")
     return model, tokenizer
 
@@ -182,12 +190,57 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from .models import detect_layout, fingerprint, num_layers
-    from .stats import load_or_compute_stats, stats_dir
+    """Under torchrun (WORLD_SIZE > 1) the processes join one group and share the work; rank 0 prints."""
+    import contextlib
+    import os
+
+    from .distributed import init_distributed_from_env
 
     layers = sorted(set(args.layers)) if args.layers else None
     hp = read_hparams(args.hparams, mom2_n_tokens=args.stats_tokens, layers=layers)
     check_stats_text(args.stats_text)
+    joined = init_distributed_from_env(args.device)
+    try:
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if rank == 0:
+            return _stats(args, hp)
+        args.quiet = True  # the other ranks compute quietly: rank 0 speaks for all
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            return _stats(args, hp)
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _prepare_model_in_turn(name: str) -> None:
+    """Build the embedded model's folder (a one-off) in one process before the others load it: first rank 0,
+    then the first process of each node (whose file system may be its own), then everyone."""
+    import os
+
+    import torch.distributed as dist
+
+    from .embedded import resolve_model_path
+
+    if dist.get_rank() == 0:
+        resolve_model_path(name)
+    dist.barrier()
+    if dist.get_rank() != 0 and int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:
+        resolve_model_path(name)
+    dist.barrier()
+
+
+def _stats(args: argparse.Namespace, hp) -> int:
+    from .models import detect_layout, fingerprint, num_layers
+    from .stats import load_or_compute_stats, stats_dir
+    from .distributed import dist_context
+
+    ctx = dist_context()
+    if ctx is not None:
+        _prepare_model_in_turn(args.model)
     model, tokenizer = load_model_for(args.model, args)
     layout = detect_layout(model)
     hp.check_model(num_layers(model, layout))
@@ -197,14 +250,19 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"statistics corpus: {corpus.describe}")
     print(f"model: {args.model} (fingerprint {fp}, {layout.name} layout, {_placement(model)})")
     print(f"layers {list(hp.layers)}, {hp.mom2_n_tokens} tokens requested, {hp.mom2_dtype}")
+    if ctx is not None:
+        import torch.distributed as dist
+
+        print(f"{ctx[1]} processes ({dist.get_backend()}): each computes its share of the batches, rank 0 writes the cache")
     _, provenance = load_or_compute_stats(model, tokenizer, layout, hp.layers, corpus, hp.mom2_n_tokens,
                                           hp.mom2_dtype, model_fp=fp, progress=not args.quiet)
     print(f"cache folder: {folder}")
     for l in hp.layers:
         meta = provenance["layers"][str(l)]
         how = "cached" if meta.get("cached") else "computed now"
+        procs = f" on {meta['world_size']} processes" if meta.get("world_size", 1) > 1 else ""
         print(f"  layer {l} ({meta.get('module')}): {Path(meta['file']).name}, {meta.get('n_tokens')} tokens, "
-              f"{how} (created {meta.get('created')}, took {meta.get('seconds')} s)")
+              f"{how} (created {meta.get('created')}, took {meta.get('seconds')} s{procs})")
     return 0
 
 

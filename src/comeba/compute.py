@@ -18,9 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .hparams import HParams
-from .models import Layout, get_module
+from .models import Layout, get_module, input_device
 from .requests import Request
-from .text import encode_prompt, model_device, subject_last_index
+from .text import encode_prompt, subject_last_index
 from .trace import trace
 
 log = logging.getLogger(__name__)
@@ -39,11 +39,11 @@ def context_templates(model, tokenizer, hp: HParams) -> list[str]:
 
     Generated once by the unedited model and reused for every batch (a saved
     state keeps them); the sampling is seeded and does not disturb the
-    caller's random state. It runs on the model's device, whose random
-    stream is its own: on CUDA the same seed draws other templates than on
-    the CPU.
+    caller's random state. It runs on the model's device (the input
+    device of a dispatched model), whose random stream is its own: on CUDA
+    the same seed draws other templates than on the CPU.
     """
-    device = model_device(model)
+    device = input_device(model)
     out = ["{}"]
     cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # manual_seed reseeds every CUDA device
@@ -71,12 +71,34 @@ def fill_template(template: str, request: Request) -> str:
 # --------------------------------------------------------------------------- running part of the model
 
 
+_REPLAY_ATTR = "_comeba_replay"
+_replay_classes: dict[type, type] = {}
+
+
+def _replayed(cls: type) -> type:
+    """A subclass of a decoder layer's class whose `forward` is the replay function of the instance.
+
+    `forward` is a property (a data descriptor), so it takes precedence over an instance's own `forward`,
+    which stays as it is: accelerate keeps its dispatch wrapper there (`add_hook_to_module`). Module hooks
+    run as usual; only the computation (and accelerate's loading of offloaded weights) is skipped.
+    """
+    sub = _replay_classes.get(cls)
+    if sub is None:
+        sub = type(cls.__name__, (cls,), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        # Set after creation: a class's __init_subclass__ (transformers' GradientCheckpointingLayer) may wrap forward.
+        sub.forward = property(lambda self: self.__dict__[_REPLAY_ATTR])
+        _replay_classes[cls] = sub
+    return sub
+
+
 @contextmanager
 def replay_layers(model, layout: Layout, last: int, output: Callable[[], torch.Tensor]):
     """Skip decoder layers 0..last: they pass their input through and `last` returns `output()`.
 
     What layers up to `last` compute is known (cached), so a pass can start
-    at layer last + 1. Forward hooks on layer `last` still run.
+    at layer last + 1. Forward hooks on layer `last` still run. A layer's own
+    `forward` is never touched (accelerate's dispatch hooks live there): the
+    layers are switched to a subclass whose `forward` replays, and back.
     """
     layers = get_module(model, layout.layers)
 
@@ -86,13 +108,21 @@ def replay_layers(model, layout: Layout, last: int, output: Callable[[], torch.T
     def replay(*args, **kwargs):
         return output()
 
+    swapped = []
     try:
         for i in range(last + 1):
-            layers[i].forward = replay if i == last else passthrough
+            layer = layers[i]
+            if _REPLAY_ATTR in layer.__dict__:
+                raise RuntimeError(f"decoder layer {i} is already being replayed")
+            cls = type(layer)
+            layer.__dict__[_REPLAY_ATTR] = replay if i == last else passthrough
+            swapped.append((layer, cls))
+            layer.__class__ = _replayed(cls)
         yield
     finally:
-        for i in range(last + 1):
-            layers[i].__dict__.pop("forward", None)
+        for layer, cls in swapped:
+            layer.__class__ = cls
+            layer.__dict__.pop(_REPLAY_ATTR, None)
 
 
 @dataclass
@@ -124,14 +154,16 @@ def forward_from(model, layout: Layout, batch: Aligned, start: int, stream: torc
 
     `stream` is the input of layer `start` (all rows of `batch`; None when
     start is 0). The pass stops after `read`; it runs in chunks of rows.
+    The result is on the device where `read` computes (a dispatched model's
+    layers may be on several devices).
     """
     rows = torch.arange(batch.ids.shape[0], device=batch.ids.device) if rows is None else rows
     per_chunk = max(1, TOKENS_PER_PASS // batch.ids.shape[1])
     out = []
     for c in range(0, len(rows), per_chunk):
         part = rows[c : c + per_chunk]
-        replay = (replay_layers(model, layout, start - 1, lambda: stream[part]) if start > 0 and stream is not None
-                  else nullcontext())
+        replay = (replay_layers(model, layout, start - 1, lambda: stream[part.to(stream.device)])
+                  if start > 0 and stream is not None else nullcontext())
         with torch.no_grad(), replay, trace(model, [read], inputs=inputs, outputs=not inputs, stop_after=read) as rec:
             model(input_ids=batch.ids[part], attention_mask=batch.mask[part], position_ids=batch.positions[part],
                   use_cache=False)
@@ -165,7 +197,7 @@ def combine_keys(k: torch.Tensor, n_templates: int) -> torch.Tensor:
 
 def subject_keys(model, tokenizer, layout: Layout, layer: int, requests: Sequence[Request], templates: Sequence[str]) -> torch.Tensor:
     """K (n, d_in) at `layer` for the model as it is (`combine_keys` of the subject's last token in each template)."""
-    batch = key_prefixes(tokenizer, requests, templates, model_device(model))
+    batch = key_prefixes(tokenizer, requests, templates, input_device(model))
     k = forward_from(model, layout, batch, 0, None, layout.mlp_out_name(layer), inputs=True)[:, -1]
     return combine_keys(k, len(templates))
 
@@ -178,10 +210,10 @@ def solve_update(residuals: torch.Tensor, keys: torch.Tensor, covariance: torch.
 
     `residuals` (n, d_out), `keys` (n, d_in), `covariance` C (d_in, d_in)
     already scaled (λ·C0 plus any accumulated keys). The current batch is
-    inside the solve.
+    inside the solve. Δ is on the covariance's device.
     """
-    K = keys.to(torch.float64).T
-    R = residuals.to(torch.float64).T
+    K = keys.to(covariance.device, torch.float64).T
+    R = residuals.to(covariance.device, torch.float64).T
     A = covariance.to(torch.float64) + K @ K.T
     chol, info = torch.linalg.cholesky_ex(A)
     if int(info) != 0:
@@ -228,12 +260,13 @@ def write_layers(
     from l_i to l_{i+1} are run again (the key prompts are cut after the
     subject, whose last token is all the keys need), so writing n layers
     costs about 2n layer passes instead of a whole prefix pass per layer.
-    Returns the keys per layer (to accumulate).
+    Returns the keys per layer (to accumulate). K and R are on the device
+    of layer l_i (a dispatched model's layers may be on several devices).
     """
     keys: dict[int, torch.Tensor] = {}
     last = layers[-1]
     n_t = len(templates)
-    batch = key_prefixes(tokenizer, requests, templates, model_device(model))
+    batch = key_prefixes(tokenizer, requests, templates, input_device(model))
     bare = torch.arange(len(requests), device=batch.ids.device) * n_t  # template 0 is the bare prompt
     stream = (forward_from(model, layout, batch, 0, None, layout.layer_name(layers[0] - 1), inputs=False)
               if layers[0] > 0 else None)
@@ -242,7 +275,7 @@ def write_layers(
                                       inputs=True)[:, -1], n_t)
         current = forward_from(model, layout, batch, layer, stream, layout.layer_name(last), inputs=False,
                                rows=bare)[:, -1].to(torch.float64)
-        R = (targets.to(current.device) - current) / (len(layers) - i)
+        R = ((targets.to(current.device) - current) / (len(layers) - i)).to(K.device)
         delta = solve(layer, R, K)
         apply(layer, delta, K)
         keys[layer] = K

@@ -23,7 +23,7 @@ import torch
 
 from .hooks import HookLayers
 from .requests import Request, RequestError, make_template
-from .stats import _paragraphs_from_files
+from .corpus import paragraphs_from_files
 from .text import encode_prompt, model_device, pad_batch, subject_last_index
 
 MIN_PARAGRAPH_CHARS = 200
@@ -47,7 +47,7 @@ def general_text_sample(tokenizer, path: str | Path, n_sequences: int = 100, seq
     if not path.is_file():
         raise FileNotFoundError(f"diagnostics text {str(path)!r} does not exist")
     seqs = []
-    for line in _paragraphs_from_files([str(path)]):  # the statistics' reader: headings and blank lines skipped
+    for line in paragraphs_from_files([str(path)]):  # the statistics' reader: headings and blank lines skipped
         if len(line) < MIN_PARAGRAPH_CHARS:
             continue
         seqs.append(tuple(encode_prompt(tokenizer, line)[:seq_len]))

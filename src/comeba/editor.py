@@ -23,9 +23,10 @@ from .compute import accumulate_keys, context_templates, fill_template, solve_up
 from .gate import adapt_alpha, batch_gate_maxima, calibrate_span, span_gate
 from .hooks import HookLayers, LayerState
 from .hparams import HParams
-from .models import Layout, detect_layout, fingerprint, mlp_out_weight, num_layers
+from .models import Layout, detect_layout, fingerprint, mlp_out_device, mlp_out_weight, num_layers
 from .requests import Request, RequestError, make_requests
-from .stats import Corpus, calibration_sample, default_corpus, load_or_compute_stats, samples_corpus
+from .stats import load_or_compute_stats
+from .corpus import Corpus, calibration_sample, default_corpus, samples_corpus
 from .text import encode_prompt, encode_target, model_device
 from .values import target_values
 
@@ -126,13 +127,16 @@ class Editor:
         layers = {}
         for layer in hp.layers:
             w0 = mlp_out_weight(model, layout, layer)
+            # Each layer's state lives where its projection computes (its layer's device in a dispatched model;
+            # never the meta device of an offloaded weight).
+            device = mlp_out_device(model, layout, layer)
             # The span gate keeps C0 in the statistics' own precision, and C_accu starts from that very
             # C0, so that C_accu − λC0 is exactly Σ K Kᵀ.
-            base = c0[layer].to(device=w0.device, dtype=getattr(torch, hp.mom2_dtype)) if hp.gate == "span" else None
+            base = c0[layer].to(device=device, dtype=getattr(torch, hp.mom2_dtype)) if hp.gate == "span" else None
             layers[layer] = LayerState(
-                delta=torch.zeros(w0.shape, dtype=torch.float32, device=w0.device),
+                delta=torch.zeros(w0.shape, dtype=torch.float32, device=device),
                 alpha=float(hp.gate_alpha0 if hp.gate == "span" else hp.alpha),
-                c_accu=hp.mom2_update_weight * (base if base is not None else c0[layer]).to(w0.device, torch.float64),
+                c_accu=hp.mom2_update_weight * (base if base is not None else c0[layer]).to(device, torch.float64),
                 c0=base,
             )
         templates = list(templates) if templates is not None else context_templates(model, tokenizer, hp)
@@ -313,7 +317,7 @@ class Editor:
         hp = HParams.from_dict(saved.config["hparams"])
         layers = {}
         for l, st in saved.layers.items():
-            device = mlp_out_weight(model, detect_layout(model), l).device
+            device = mlp_out_device(model, detect_layout(model), l)
             if hp.gate == "span" and (st.c0 is None or st.c0.shape != st.c_accu.shape):
                 raise StateError(f"editor state in {directory} lacks the span gate's C0 of layer {l}")
             layers[l] = LayerState(st.delta.to(device, torch.float32), st.alpha,

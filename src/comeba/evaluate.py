@@ -57,7 +57,8 @@ from .runfolder import (STATE_DIR, STATE_TENSORS, EvalError, Progress, checkpoin
                         load_progress, pre_key, prepare_folder, record_entry, run_config, run_summary, save_progress,
                         write_outputs, write_pre)
 from .scoring import CORE, Settings, aggregate, evaluate_requests, locality_reference
-from .stats import Corpus, calibration_sample, load_or_compute_stats
+from .stats import load_or_compute_stats
+from .corpus import Corpus, calibration_sample
 
 log = logging.getLogger(__name__)
 

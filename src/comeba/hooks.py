@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from .gate import RunningStats, SpanGate, hook_addition, span_scores
-from .models import Layout, get_module
+from .models import Layout, get_module, module_device
 
 
 @dataclass
@@ -99,13 +99,17 @@ class HookLayers:
         self._top.remove()
 
     def set(self, layer: int, weights: LayerState, gated: bool = True) -> None:
-        module = get_module(self.model, self.layout.mlp_out_name(layer))
+        name = self.layout.mlp_out_name(layer)
+        module = get_module(self.model, name)
+        # Where the projection computes: its weight's device, or with a model dispatched by accelerate the
+        # hook's execution device (an offloaded weight waits on the meta device between calls).
+        device = module_device(self.model, name)
         self.weights[layer] = weights
         self.gated[layer] = gated
-        # A working copy on the model's device; the stored ΔW is never cast in place.
-        self._cast[layer] = weights.delta.detach().to(device=module.weight.device, dtype=torch.float32)
+        # A working copy on the projection's device; the stored ΔW is never cast in place.
+        self._cast[layer] = weights.delta.detach().to(device=device, dtype=torch.float32)
         if weights.span is not None:
-            self._span[layer] = weights.span.to(module.weight.device)
+            self._span[layer] = weights.span.to(device)
         else:
             self._span.pop(layer, None)
         if weights.alpha is None and (weights.span is None or not gated):
@@ -178,7 +182,7 @@ class HookLayers:
         shape = k.shape[:-1] if not flat else (1, k.shape[0])
         if mask is None or tuple(mask.shape) != tuple(shape):
             mask = torch.ones(shape, dtype=torch.bool, device=k.device)
-        mask = mask.to(torch.bool)
+        mask = mask.to(device=k.device, dtype=torch.bool)  # the layer may be on another device than the input
         if layer in self._span:
             z = span_scores(k, self._span[layer])
             if flat:

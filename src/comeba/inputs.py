@@ -94,7 +94,7 @@ def check_stats_text(paths: Sequence[str] | None) -> None:
 
 def resolve_corpus(stats_text: Sequence[str] | None, hp) -> Any:
     """--stats-text wins; else the hparams' mom2_dataset ("auto", "samples", a local path or a HF spec)."""
-    from .stats import corpus_from_spec, text_corpus
+    from .corpus import corpus_from_spec, text_corpus
 
     if stats_text:
         return text_corpus(stats_text)

