@@ -89,3 +89,12 @@ def shared_comeba_home(_shared_home_dir, monkeypatch) -> Path:
     """A COMEBA_HOME in the session's tmp dir, shared between tests so statistics are computed once."""
     monkeypatch.setenv("COMEBA_HOME", str(_shared_home_dir))
     return _shared_home_dir
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny llama saved as a Hugging Face folder (for the CLI and `load_model`), one per test module."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    make_model("llama", tokenizer, seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -55,15 +55,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model = make_model("llama", tokenizer, seed=0)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture
 def files(tmp_path, monkeypatch) -> dict[str, Path]:
     monkeypatch.setenv("COMEBA_HOME", str(tmp_path / "home"))

@@ -24,26 +24,12 @@ from comeba.hparams import HParams
 from comeba.models import (detect_layout, fingerprint, get_module, input_device, mlp_out_device, resolve_device_map,
                            weights_checksum)
 from comeba.corpus import text_corpus
+from test_editor import HP, R1, R2, UNRELATED
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-HP = dict(
-    layers=[1, 2],
-    v_num_grad_steps=20,
-    clamp_norm_factor=10.0,
-    mom2_update_weight=100.0,
-    mom2_n_tokens=2000,
-    context_template_prefixes=["The"],
-    context_template_length=6,
-)
-R1 = {"prompt": "The mother tongue of Danielle Darrieux", "subject": "Danielle Darrieux", "target_new": "English"}
-R2 = {"prompt": "The capital city of France", "subject": "France", "target_new": "Berlin"}
-TEXTS = [
-    "The mother tongue of Danielle Darrieux",
-    "The capital city of France",
-    "Because the weather was cold, they stayed at home.",
-    "The team played football in the stadium and won the game.",
-]
+TEXTS = [R1["prompt"], R2["prompt"], UNRELATED[0], UNRELATED[2]]
+
 
 # Edited layer 1 and layers 0 and 3 offloaded to disk (weights on meta), edited layer 2 on the CPU; the head
 # offloaded too. The embeddings stay on the CPU, where the inputs go.
@@ -250,16 +236,6 @@ def test_saved_edits_load_onto_a_dispatched_model(pair, make_tiny, tokenizer, tm
 
 
 # --------------------------------------------------------------------------- loading with a device map
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    from tiny import make_model
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    make_model("llama", tokenizer, seed=0).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_load_model_with_a_device_map(model_dir, tokenizer, tmp_path):

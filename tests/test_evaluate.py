@@ -318,16 +318,6 @@ def test_cli_methods_match_the_harness():
     assert EVAL_METHODS == METHODS and EVAL_PROTOCOLS == PROTOCOLS
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    from tiny import make_model
-
-    folder = tmp_path_factory.mktemp("tiny-llama-eval")
-    make_model("llama", tokenizer, seed=0).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_cli_eval(model_dir, corpus_file, tmp_path, capsys):
     data = tmp_path / "cf.json"
     records = [dict(r, case_id=i) for i, r in enumerate(REQUESTS)]

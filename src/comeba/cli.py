@@ -6,6 +6,8 @@
     comeba generate [--state DIR] [--model M] [--max-new-tokens N] [--device-map MAP] PROMPT...
     comeba stats [--model M] [--layers L ...] [--stats-text PATH ...]
                  [--stats-tokens N] [--hparams FILE.yaml]
+    comeba plan [--model M | --config FILE.json] [--layers L ...] [--batch-size N]
+                [--dtype D] [--hparams FILE.yaml] [--gate G] [--memory GIB]
     comeba eval --method METHOD (comeba.methods: comeba, no-hook, memit, ...)
                 --data counterfact:PATH|zsre:PATH [--n N] [--offset O]
                 [--batch-size B] [--protocol consecutive|single] [--checkpoint-every K]
@@ -27,7 +29,7 @@ import sys
 from typing import Sequence
 
 from . import __version__
-from .commands import cmd_edit, cmd_eval, cmd_generate, cmd_stats  # torch is imported when a command runs
+from .commands import cmd_edit, cmd_eval, cmd_generate, cmd_plan, cmd_stats  # torch is imported when a command runs
 from .hparams import GATES  # torch-free
 from .methods import METHODS, PROTOCOLS  # torch-free
 
@@ -96,6 +98,22 @@ def _device_map_option(parser: argparse.ArgumentParser) -> None:
                              "(0, \"cuda:1\", \"cpu\", \"disk\"); instead of --device")
 
 
+def _memory_check_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-memory-check", action="store_true",
+                        help="start even when the memory plan's peak exceeds the CUDA device's free memory "
+                             "(the plan is an estimate; see `comeba plan`)")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -111,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_edit, _add_generate, _add_stats, _add_eval):
+    for add in (_add_edit, _add_generate, _add_stats, _add_eval, _add_plan):
         add(sub)
     return parser
 
@@ -132,6 +150,7 @@ def _add_edit(sub) -> None:
     e.add_argument("--max-new-tokens", type=_positive_int, default=8, metavar="N", help="greedy tokens per answer (default 8)")
     _model_placement(e)
     _device_map_option(e)
+    _memory_check_option(e)
     e.add_argument("--quiet", action="store_true", help="no progress bars or chatter; only the results")
     e.set_defaults(func=cmd_edit)
 
@@ -197,8 +216,28 @@ def _add_eval(sub) -> None:
     v.add_argument("--overwrite", action="store_true", help="replace a different or finished run in --out")
     _model_placement(v)
     _device_map_option(v)
+    _memory_check_option(v)
     v.add_argument("--quiet", action="store_true", help="no progress bars or chatter; only the results")
     v.set_defaults(func=cmd_eval)
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="what editing a model will hold in memory, from its config alone",
+                       description="Print the memory plan of editing a model: weights, editor state (per layer, "
+                                   "inference and editing parts), the peaks of computing statistics, starting an "
+                                   "editor and one batch, and where float64 is needed. Needs only the config.")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", metavar="M", default=None,
+                        help="'embedded' (default), a HF id or a local folder (only its config is read)")
+    source.add_argument("--config", metavar="FILE", help="a transformers config.json (or a folder holding one)")
+    p.add_argument("--layers", type=_non_negative_int, nargs="+", metavar="L", help="edited layers (default: hparams layers)")
+    p.add_argument("--batch-size", type=_positive_int, metavar="N", help="edits per batch (default: hparams batch_size)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="the weights' dtype (default: the config's)")
+    p.add_argument("--hparams", metavar="FILE", help="hyperparameter YAML (EasyEdit keys)")
+    p.add_argument("--gate", choices=GATES, default=None, help="the gate (hparams gate; default span)")
+    p.add_argument("--memory", type=_positive_float, metavar="GIB",
+                   help="say whether the plan fits in this many GiB (exit status 1 when it does not)")
+    p.set_defaults(func=cmd_plan)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

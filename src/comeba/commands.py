@@ -1,4 +1,4 @@
-"""What the `comeba` commands do: edit, generate, stats and eval (comeba.cli parses and dispatches here).
+"""What the `comeba` commands do: edit, generate, stats, eval and plan (comeba.cli parses and dispatches here).
 
 Each command takes the parsed arguments, prints its results on stdout and its
 progress on stderr (not with --quiet), and raises comeba.inputs.InputError
@@ -112,6 +112,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     # 2. Model and editor.
     model_name = args.model or (base_model_of(args.state) if kind == "existing" else "embedded")
+    _memory_plan_line(args, model_name, hp, len(requests), resume=args.state if kind == "existing" else None)
     model, tokenizer = load_model_for(model_name, args)
     editor = _open_editor(args, kind, hp, model, tokenizer)
     hp = editor.hparams
@@ -304,6 +305,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     # 2. Model, statistics, the run.
     model_name = args.model or "embedded"
+    if args.method == "comeba":
+        _memory_plan_line(args, model_name, hp, len(loaded.requests))
     model, tokenizer = load_model_for(model_name, args)
     corpus = resolve_corpus(args.stats_text, hp)
     note = "" if corpus.kind != "samples" else NO_TEXT_NOTE
@@ -330,3 +333,65 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not summary.get("already_complete"):
         print(f"wrote {out / 'summary.json'}, records.jsonl, checkpoints.csv, metrics.png")
     return 0
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """The memory plan as a table; with --memory, exit status 1 when it does not fit."""
+    from .plan import ModelShape, PlanError, load_config, memory_plan
+    from .reporting import format_plan
+
+    hp = read_hparams(args.hparams, layers=sorted(set(args.layers)) if args.layers else None, gate=args.gate)
+    label = args.model or (Path(args.config).name if args.config else "embedded")
+    shape = ModelShape.from_config(load_config(args.model, args.config), args.dtype, name=label)
+    memory = None if args.memory is None else int(args.memory * 2**30)
+    plan = memory_plan(shape, hp, args.batch_size, args.dtype or shape.dtype, memory)
+    print(format_plan(plan))
+    try:
+        if memory is not None:
+            plan.check(memory)
+    except PlanError:
+        return 1
+    return 0
+
+
+def _memory_plan_line(args: argparse.Namespace, name: str, hp, n_edits: int, resume: str | None = None) -> None:
+    """Print the plan's one-line summary before the model loads; refuse (PlanError) when a CUDA device has less
+    free memory than the plan's peak, warn when the CPU has less available. A plan that cannot be made is
+    skipped: loading the model then reports what is wrong. A resumed state only needs the batch's peak."""
+    from .models import resolve_device
+    from .plan import available_ram, human, load_config, memory_plan
+
+    phases = ["batch"] if resume else None
+    try:
+        if resume:
+            from .adapter import read_config
+            from .hparams import HParams
+
+            hp = HParams.from_dict(read_config(resume)["hparams"])
+        size = min(args.batch_size or hp.batch_size, max(1, n_edits))
+        plan = memory_plan(load_config(name), hp, size, args.dtype)
+    except Exception as err:  # noqa: BLE001 - advice only
+        _say(args, f"memory plan: not available ({type(err).__name__}: {err})")
+        return
+    line = plan.summary(phases)
+    if getattr(args, "device_map", None) is not None:
+        print(f"{line}; spread by --device-map, not checked")
+        return
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        import torch
+
+        free, total = torch.cuda.mem_get_info(device)
+        print(f"{line}; {device} has {human(free)} free")
+        if not args.no_memory_check:
+            plan.check(free, phases, where=f"{device} ({human(free)} free of {human(total)}; "
+                                           "--no-memory-check starts anyway)")
+        return
+    ram = available_ram()
+    print(line + (f"; {human(ram)} of memory available" if ram is not None else ""))
+    if ram is not None and plan.worst(phases).peak > ram:
+        print(f"comeba: warning: the plan's peak ({human(plan.worst(phases).peak)}) is more than the memory "
+              f"available ({human(ram)}); the system may swap or stop the process", file=sys.stderr)

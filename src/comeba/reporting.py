@@ -15,7 +15,10 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 
 # ----------------------------------------------------------------------------- `comeba edit`: greedy answers
@@ -234,3 +237,29 @@ def plot_checkpoints(summary: Mapping[str, Any], path: Path) -> None:
     fig.savefig(tmp, format="png")
     plt.close(fig)
     tmp.replace(path)
+
+
+def format_plan(plan: "Plan") -> str:
+    """A memory plan (comeba.plan) as a small table, then its notes on float64."""
+    from .plan import human
+
+    shape, hp, first = plan.shape, plan.hparams, plan.layers[0]
+    rows = [("model weights", plan.weights, f"{shape.n_params / 1e9:.3g} B parameters, {plan.dtype}"),
+            ("editor state, per layer", first.total,
+             f"inference {human(first.inference)} (ΔW {human(first.delta)}"
+             + (f", gate {human(first.gate)}" if first.gate else "") + f"), editing {human(first.editing)} "
+             f"(C_accu {human(first.c_accu)}" + (f", C0 {human(first.c0)}" if first.c0 else "") + ")"),
+            (f"editor state, {len(plan.layers)} layers", plan.state,
+             f"inference {human(plan.state_inference)}, editing {human(plan.state_editing)}")]
+    for phase in plan.phases.values():
+        rows.append((f"peak: {phase.what}", phase.peak, " + ".join(phase.base) + " + "
+                     + ", ".join(f"{k} {human(v)}" for k, v in phase.parts.items())))
+    rows.append(("total: the largest peak", plan.peak, plan.worst().what))
+    if plan.device_bytes is not None:
+        rows.append(("device", plan.device_bytes, plan.verdict(plan.device_bytes)))
+    head = (f"{shape.name}: {shape.layout} layout, {shape.n_layers} layers, hidden {shape.hidden}, MLP {first.d_in}, "
+            f"vocabulary {shape.vocab}; layers {list(hp.layers)}, {hp.gate} gate, mom2_dtype {hp.mom2_dtype}, "
+            f"batch {plan.batch_size}")
+    table = ["| part | size | of which |", "| --- | ---: | --- |"]
+    table += [f"| {name} | {human(size)} | {what} |" for name, size, what in rows]
+    return "\n".join([head, "", *table, "", *(f"- {note}" for note in plan.notes)])
