@@ -26,7 +26,7 @@ _EXPORTS = {
     "StateError": "adapter",
     "Request": "requests",
     "RequestError": "requests",
-    "text_corpus": "stats",
+    "text_corpus": "corpus",
     "load_model": "models",
 }
 __all__ = ["__version__", *_EXPORTS]
