@@ -56,3 +56,12 @@ def test_readme_hyperparameter_table_is_generated_from_the_config():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert markdown_table() in readme
+
+
+def test_every_public_name_resolves():
+    """`import comeba` exports lazily; each name must point at a module that still holds it."""
+    import comeba
+
+    for name in comeba.__all__:
+        assert getattr(comeba, name) is not None, name
+    assert {"Editor", "load_edits", "HParams", "load_model", "text_corpus"} <= set(comeba.__all__)
