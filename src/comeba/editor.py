@@ -315,9 +315,10 @@ class Editor:
         saved = read_state(directory, editing=True)
         fp = check_base_model(saved, model, directory)
         hp = HParams.from_dict(saved.config["hparams"])
+        layout = detect_layout(model)
         layers = {}
         for l, st in saved.layers.items():
-            device = mlp_out_device(model, detect_layout(model), l)
+            device = mlp_out_device(model, layout, l)
             if hp.gate == "span" and (st.c0 is None or st.c0.shape != st.c_accu.shape):
                 raise StateError(f"editor state in {directory} lacks the span gate's C0 of layer {l}")
             layers[l] = LayerState(st.delta.to(device, torch.float32), st.alpha,
