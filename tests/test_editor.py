@@ -585,6 +585,24 @@ def test_load_onto_another_model_is_refused(new_editor, make_tiny, tokenizer, tm
         Editor.from_pretrained(other, tokenizer, tmp_path / "nowhere")
 
 
+def test_state_saved_under_the_first_fingerprint_format_still_loads(new_editor, make_tiny, tokenizer, tmp_path):
+    from comeba.models import legacy_fingerprint
+
+    editor = new_editor("gpt2")
+    editor.edit([R1])
+    editor.save_pretrained(tmp_path / "state")
+    path = tmp_path / "state" / ADAPTER_CONFIG
+    config = json.loads(path.read_text())
+    config["base_model"]["fingerprint"] = legacy_fingerprint(editor.model)
+    path.write_text(json.dumps(config))
+    again = Editor.from_pretrained(editor.model, tokenizer, tmp_path / "state")
+    assert again.n_batches == editor.n_batches
+    config["base_model"]["fingerprint"] = legacy_fingerprint(make_tiny("gpt2", seed=1))
+    path.write_text(json.dumps(config))
+    with pytest.raises(StateError, match="fingerprint"):
+        Editor.from_pretrained(editor.model, tokenizer, tmp_path / "state")
+
+
 # --------------------------------------------------------------------------- transactions
 
 

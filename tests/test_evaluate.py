@@ -399,6 +399,29 @@ def test_pre_cache_is_shared_between_methods_and_keyed(llama, tokenizer, corpus,
     assert len(json.loads(cache.read_text())["pre"]) == 2
 
 
+def test_runs_recorded_under_the_first_fingerprint_format_are_reused(llama, tokenizer, corpus, tmp_path, monkeypatch):
+    """A finished run folder and a pre cache written before the fingerprint changed are this model's: no rerun."""
+    from comeba.models import fingerprint, legacy_fingerprint
+
+    cache = tmp_path / "pre.json"
+    first = _run(llama, tokenizer, corpus, "seq-memit", "consecutive", tmp_path / "a", pre_cache=cache)
+    new, old = fingerprint(llama), legacy_fingerprint(llama)
+    for path in (cache, tmp_path / "a" / "run.json"):
+        path.write_text(path.read_text().replace(new, old))
+    assert new not in cache.read_text()
+
+    calls = []
+    real = ev.evaluate_requests
+    monkeypatch.setattr(ev, "evaluate_requests", lambda *a, **k: calls.append(k.get("full")) or real(*a, **k))
+    again = _run(llama, tokenizer, corpus, "seq-memit", "consecutive", tmp_path / "a", pre_cache=cache)
+    assert again.get("already_complete") and calls == []
+    assert new in (tmp_path / "a" / "run.json").read_text()
+    second = _run(llama, tokenizer, corpus, "comeba", "consecutive", tmp_path / "b", pre_cache=cache)
+    assert second["pre"] == first["pre"]
+    assert calls == [False, True]  # the two checkpoints only: the unedited evaluation was not redone
+    assert json.loads(cache.read_text())["key"]["model_fingerprint"] == new
+
+
 def test_cli_eval_gate_and_diagnostics(model_dir, corpus_file, tmp_path, capsys):
     data = tmp_path / "cf.json"
     data.write_text(json.dumps([dict(r, case_id=i) for i, r in enumerate(REQUESTS)]))

@@ -9,7 +9,10 @@ import transformers
 from comeba.models import (
     LayoutError,
     detect_layout,
+    FINGERPRINT_PREFIX,
     fingerprint,
+    legacy_fingerprint,
+    same_model,
     load_model,
     mlp_out_weight,
     num_layers,
@@ -97,6 +100,40 @@ def test_fingerprint_tells_seeds_apart_and_is_stable(make_tiny, name):
     assert fa == fingerprint(a2)  # same weights, other object
     assert fa != fingerprint(b)
     assert isinstance(fa, str) and len(fa) >= 16
+
+
+def test_fingerprint_is_exact_across_thread_counts_and_sees_one_changed_weight(make_tiny):
+    """Integer arithmetic: no dependence on the reduction order; one ulp in one weight changes it."""
+    model = make_tiny("llama")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fingerprint(model)
+        torch.set_num_threads(2)
+        assert fingerprint(model) == one
+    finally:
+        torch.set_num_threads(before)
+    assert one.startswith(FINGERPRINT_PREFIX)
+    w = model.get_submodule("model.layers.3.mlp.down_proj").weight
+    with torch.no_grad():
+        old = w[5, 7].clone()
+        w[5, 7] = torch.nextafter(old, old + 1)
+    assert fingerprint(model) != one
+    with torch.no_grad():
+        w[5, 7] = old
+    assert fingerprint(model) == one
+    model.to(torch.bfloat16)  # other stored bits, other model
+    assert fingerprint(model) != one
+
+
+def test_older_fingerprints_are_recognised(make_tiny):
+    model, other = make_tiny("llama", seed=0), make_tiny("llama", seed=1)
+    fp = fingerprint(model)
+    assert same_model(fp, model, fp)
+    assert same_model(legacy_fingerprint(model), model, fp)
+    assert not same_model(legacy_fingerprint(other), model, fp)
+    assert not same_model(fingerprint(other), model, fp)
+    assert not same_model(None, model, fp)
 
 
 def test_weights_checksum_sees_one_changed_weight(make_tiny):

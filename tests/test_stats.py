@@ -173,3 +173,27 @@ def test_samples_corpus_small_budget(make_tiny, tokenizer):
     torch.testing.assert_close(c, c.T)
     assert torch.linalg.eigvalsh(c).min() > -1e-8
     assert torch.equal(runs[0], runs[1])  # seeded: the same samples each time
+
+
+def test_cache_made_under_the_first_fingerprint_format_is_adopted(tmp_path, make_tiny, tokenizer, comeba_home):
+    from comeba.models import legacy_fingerprint
+    from comeba.stats import stats_dir
+
+    model = make_tiny("llama")
+    layout = detect_layout(model)
+    corpus = text_corpus([_write(tmp_path / "a.txt", LINES)])
+    mats, _ = load_or_compute_stats(model, tokenizer, layout, [1], corpus, 50, progress=False)
+    new, old = stats_dir(fingerprint(model), corpus), stats_dir(legacy_fingerprint(model), corpus)
+    old.parent.mkdir(parents=True)
+    new.rename(old)  # as the first format left it
+
+    def refuse(*_):
+        raise RuntimeError("the model ran although the statistics are cached under the old fingerprint")
+
+    handle = model.register_forward_pre_hook(refuse)
+    try:
+        again, prov = load_or_compute_stats(model, tokenizer, layout, [1], corpus, 50, progress=False)
+    finally:
+        handle.remove()
+    assert torch.equal(again[1], mats[1]) and prov["layers"]["1"]["cached"]
+    assert new.is_dir() and not old.exists()

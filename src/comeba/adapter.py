@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from .files import TMP_PREFIX, replacing_directory, sha256_file, writer_lock
 from .gate import SpanGate, span_gate
 from .hooks import HookLayers, LayerState
-from .models import detect_layout, fingerprint, mlp_out_device, mlp_out_weight, num_layers
+from .models import detect_layout, fingerprint, mlp_out_device, mlp_out_weight, num_layers, same_model
 from .text import pad_batch
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -235,7 +235,7 @@ def check_base_model(saved: SavedState, model, directory: str | Path) -> str:
     """Refuse a state made for another model, or whose tensors do not fit this one; returns the fingerprint."""
     fp = fingerprint(model)
     base = saved.config["base_model"]
-    if base.get("fingerprint") != fp:
+    if not same_model(base.get("fingerprint"), model, fp):
         raise StateError(
             f"the editor state in {directory} was made for base model {base.get('name_or_path')!r} "
             f"(fingerprint {base.get('fingerprint')}), but the given model "

@@ -31,6 +31,7 @@ interrupted run resume): comeba.runfolder.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -51,11 +52,11 @@ from .files import atomic_save_tensors
 from .hooks import HookLayers
 from .hparams import HParams
 from .methods import METHODS, PROTOCOLS, REGISTRY
-from .models import detect_layout, fingerprint
+from .models import detect_layout, fingerprint, same_model
 from .requests import Request, make_requests
-from .runfolder import (STATE_DIR, STATE_TENSORS, EvalError, Progress, checkpoint_entry, completed_summary, find_pre,
-                        load_progress, pre_key, prepare_folder, record_entry, run_config, run_summary, save_progress,
-                        write_outputs, write_pre)
+from .runfolder import (STATE_DIR, STATE_TENSORS, EvalError, FingerprintCheck, Progress, checkpoint_entry,
+                        completed_summary, find_pre, load_progress, pre_key, prepare_folder, record_entry, run_config,
+                        run_summary, save_progress, write_outputs, write_pre)
 from .scoring import CORE, Settings, aggregate, evaluate_requests, locality_reference
 from .stats import load_or_compute_stats
 from .corpus import Corpus, calibration_sample
@@ -234,10 +235,11 @@ class _Run:
 
 
 def _unedited(model, tokenizer, reqs: Sequence[Request], settings: Settings, key: Mapping[str, Any],
-              folder: Path | None, pre_cache: str | Path | None, progress: bool) -> tuple[list, list, float]:
+              folder: Path | None, pre_cache: str | Path | None, progress: bool,
+              known: FingerprintCheck | None = None) -> tuple[list, list, float]:
     """(locality reference, pre-edit values, seconds) of the unedited model: saved ones when they match
     `key`, else computed once and saved (in the run folder and the shared `pre_cache`)."""
-    saved, stale = find_pre(folder, pre_cache, key)
+    saved, stale = find_pre(folder, pre_cache, key, known)
     if saved is None:
         t = time.perf_counter()
         if progress:
@@ -359,7 +361,8 @@ def evaluate(
                                                hp.mom2_dtype, model_fp=model_fp, progress=progress)
     config = run_config(method, protocol, size, every, reqs, hp, model_fp, provenance, settings)
     folder = Path(out) if out is not None else None
-    if folder and prepare_folder(folder, config, overwrite) == "complete":
+    known = functools.partial(same_model, model=model, current=model_fp)
+    if folder and prepare_folder(folder, config, overwrite, known) == "complete":
         log.info("%s already holds this completed run", folder)
         return completed_summary(folder)
 
@@ -371,7 +374,7 @@ def evaluate(
     setup_seconds = time.perf_counter() - started
     # Before editing: the unedited model, once (and the locality reference).
     reference, pre, pre_seconds = _unedited(model, tokenizer, reqs, settings, pre_key(config, model_fp), folder,
-                                            pre_cache, progress)
+                                            pre_cache, progress, known)
     prog = load_progress(folder, len(reqs))
     run = _Run(method, protocol, model, tokenizer, reqs, settings, batches, every, folder, reference,
                clock0=started - prog.seconds, sample=sample, reference_ppl=reference_ppl)

@@ -227,22 +227,58 @@ def cache_kwarg(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def fingerprint(model: torch.nn.Module) -> str:
-    """A cheap, stable identity of a model's weights.
+FINGERPRINT_PREFIX = "w2-"
+_WIDTH, _CHUNK = 4096, 1 << 22
 
-    Hashes every parameter's name, shape, dtype and a strided sample of its
-    values, so another checkpoint of the same architecture is told apart
-    without reading gigabytes.
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """A stable identity of a model's weights, for statistics caches and saved states.
+
+    Per tensor: name, shape, dtype and Σᵢ bitsᵢ·(i mod 4096 + 1) over its raw bits
+    read as 16-bit integers. Every partial sum is an integer below 2⁵³, so the
+    float64 products and row sums are exact: the same on every device and thread
+    count (a float sum of the weights themselves depends on the reduction
+    order), and any single changed weight changes it.
     """
+    h = hashlib.sha256(b"comeba fingerprint 2")
+    for name, tensor in state_tensors(model):
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{_bits_checksum(tensor)}".encode())
+    return FINGERPRINT_PREFIX + h.hexdigest()[: 32 - len(FINGERPRINT_PREFIX)]
+
+
+def _bits_checksum(tensor: torch.Tensor) -> int:
+    flat = tensor.detach().reshape(-1)
+    if flat.device.type == "mps":  # no float64 there
+        flat = flat.cpu()
+    bits = flat.view(torch.uint8) if flat.element_size() == 1 else flat.view(torch.int16)
+    weights = torch.arange(1, _WIDTH + 1, dtype=torch.float64, device=bits.device)
+    total = 0
+    for start in range(0, bits.numel(), _CHUNK):  # |bits·w| < 2²⁸, a row's sum < 2⁴⁰: exact in float64
+        part = bits[start:start + _CHUNK]
+        rows = part.numel() // _WIDTH * _WIDTH
+        total += int((part[:rows].view(-1, _WIDTH).to(torch.float64) @ weights).to(torch.int64).sum())
+        total += int((part[rows:].to(torch.int64) * weights[: part.numel() - rows].to(torch.int64)).sum())
+    return total
+
+
+def legacy_fingerprint(model: torch.nn.Module) -> str:
+    """The first fingerprint (float sums, not exact across devices), kept to recognise states and caches made with it."""
     h = hashlib.sha256()
     for name, tensor in state_tensors(model):
         h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
-        sample = flat[::step].to(torch.float64).cpu()
-        h.update(sample.numpy().tobytes())
+        h.update(flat[::step].to(torch.float64).cpu().numpy().tobytes())
         h.update(repr(float(flat.to(torch.float64).sum())).encode())
     return h.hexdigest()[:32]
+
+
+def same_model(recorded: str | None, model: torch.nn.Module, current: str) -> bool:
+    """Whether a recorded fingerprint names this model (`current` is its fingerprint); an older-format one is
+    checked against the legacy fingerprint."""
+    if recorded == current:
+        return True
+    return bool(recorded) and not recorded.startswith(FINGERPRINT_PREFIX) and recorded == legacy_fingerprint(model)
 
 
 def weights_checksum(model: torch.nn.Module) -> str:

@@ -20,7 +20,7 @@ import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .files import atomic_write_text
 from .hparams import HParams
@@ -62,8 +62,21 @@ def run_config(method: str, protocol: str, batch_size: int, checkpoint_every: in
     }
 
 
-def prepare_folder(folder: Path, config: Mapping[str, Any], overwrite: bool) -> str:
-    """"new", "resume" or "complete"; refuses a folder that holds another run."""
+FingerprintCheck = Callable[[Any], bool]  # does a recorded fingerprint name the model? (`models.same_model`)
+
+
+def _same(saved: Mapping[str, Any], current: Mapping[str, Any], known: FingerprintCheck | None) -> bool:
+    """Equal, or equal but for a model fingerprint of the first format that `known` recognises."""
+    if saved == current:
+        return True
+    fp = "model_fingerprint"
+    return known is not None and {**saved, fp: None} == {**current, fp: None} and known(saved.get(fp))
+
+
+def prepare_folder(folder: Path, config: Mapping[str, Any], overwrite: bool, known: FingerprintCheck | None = None
+                   ) -> str:
+    """"new", "resume" or "complete"; refuses a folder that holds another run (a run recorded under the first
+    fingerprint format is this run: run.json is rewritten)."""
     if folder.exists() and not folder.is_dir():
         raise EvalError(f"output {str(folder)!r} is a file, not a folder")
     run_file = folder / RUN_FILE
@@ -72,8 +85,10 @@ def prepare_folder(folder: Path, config: Mapping[str, Any], overwrite: bool) -> 
             (folder / name).unlink(missing_ok=True)
         shutil.rmtree(folder / STATE_DIR, ignore_errors=True)
     if folder.is_dir() and run_file.is_file():
-        saved = json.loads(run_file.read_text())
-        if saved != json.loads(to_json(config)):
+        saved, current = json.loads(run_file.read_text()), json.loads(to_json(config))
+        if saved != current and _same(saved, current, known):
+            atomic_write_text(run_file, to_json(config))
+        elif saved != current:
             differ = sorted(k for k in set(saved) | set(config) if saved.get(k) != json.loads(to_json(config)).get(k))
             raise EvalError(
                 f"{folder} holds another run (it differs in: {', '.join(differ)}); "
@@ -105,25 +120,32 @@ def pre_key(config: Mapping[str, Any], model_fp: str) -> dict[str, Any]:
     return {"requests_digest": config["requests_digest"], "settings": settings, "model_fingerprint": model_fp}
 
 
-def read_pre(path: Path | None, key: Mapping[str, Any]) -> dict[str, Any] | None:
-    """A saved unedited-model evaluation, if `path` holds one for exactly these records and settings."""
+def read_pre(path: Path | None, key: Mapping[str, Any], known: FingerprintCheck | None = None) -> dict[str, Any] | None:
+    """A saved unedited-model evaluation, if `path` holds one for exactly these records and settings (its "key"
+    is `key`'s, also when it names the model by a first-format fingerprint that `known` recognises)."""
     if path is None or not path.is_file():
         return None
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return saved if isinstance(saved, dict) and saved.get("key") == json.loads(to_json(key)) else None
+    if not isinstance(saved, dict) or not isinstance(saved.get("key"), dict):
+        return None
+    current = json.loads(to_json(key))
+    return {**saved, "key": current} if _same(saved["key"], current, known) else None
 
 
-def find_pre(folder: Path | None, pre_cache: str | Path | None, key: Mapping[str, Any]
-             ) -> tuple[dict[str, Any] | None, list[Path]]:
+def find_pre(folder: Path | None, pre_cache: str | Path | None, key: Mapping[str, Any],
+             known: FingerprintCheck | None = None) -> tuple[dict[str, Any] | None, list[Path]]:
     """The saved evaluation for `key` (the run's pre.json first, then the shared `pre_cache`), and the files
-    among those two that lack it (missing, stale or another run's), to be (re)written."""
+    among those two that lack it (missing, stale, another run's or under an older fingerprint), to be
+    (re)written."""
     paths = [p for p in (folder / PRE_FILE if folder else None, Path(pre_cache) if pre_cache is not None else None)
              if p is not None]
     found = [read_pre(p, key) for p in paths]
     saved = next((s for s in found if s is not None), None)
+    if saved is None and known is not None:  # saved under the first fingerprint format: rewrite both files
+        return next((s for s in (read_pre(p, key, known) for p in paths) if s is not None), None), list(paths)
     return saved, [p for p, s in zip(paths, found) if s is None]
 
 

@@ -31,7 +31,7 @@ from .corpus import Corpus, token_batches
 from .distributed import all_reduce, broadcast_object, comm_device, dist_context
 from .files import atomic_save_tensors, atomic_write_text
 from .embedded import comeba_home
-from .models import Layout, fingerprint
+from .models import Layout, fingerprint, legacy_fingerprint
 from .text import model_device, pad_batch
 from .trace import trace
 
@@ -188,6 +188,7 @@ def load_or_compute_stats(
         raise ValueError(f"statistics dtype must be float32 or float64, not {dtype!r}")
     model_fp = model_fp or fingerprint(model)
     folder = stats_dir(model_fp, corpus)
+    _adopt_legacy_cache(model, corpus, folder)
     ctx = dist_context()
     rank, world = ctx or (0, 1)
     provenance = {"corpus": corpus.describe, "corpus_id": corpus.ident, "n_tokens_requested": n_tokens,
@@ -200,6 +201,20 @@ def load_or_compute_stats(
         return out, provenance
     return _distributed_load_or_compute(model, tokenizer, layout, layers, corpus, n_tokens, dtype, model_fp, folder,
                                         progress, provenance, rank, world)
+
+
+def _adopt_legacy_cache(model, corpus: Corpus, folder: Path) -> None:
+    """Move a cache made under the first fingerprint format to this model's folder (once; statistics take hours
+    on a big model). Inside a process group rank 0 alone touches the disk."""
+    if folder.exists() or (dist_context() or (0, 1))[0] != 0:
+        return
+    legacy = stats_dir(legacy_fingerprint(model), corpus)
+    if legacy.is_dir():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            legacy.rename(folder)
+        except OSError:  # another process adopted it first
+            pass
 
 
 def _from_cache(folder: Path, layers: Sequence[int], n_tokens: int, dtype: str,
