@@ -321,3 +321,106 @@ def test_calls_that_bypass_the_top_module_do_not_leak_gate_state(make_tiny, toke
         again_unpadded = model.forward(input_ids=unpadded).logits
     assert torch.equal(again_a, ref_a), "running statistics of an earlier call leaked into model.forward()"
     assert torch.equal(again_unpadded, ref_unpadded), "an earlier call's padding mask was applied"
+
+
+# --------------------------------------------------------------------------- beam search, caller's caches, threads
+
+
+def _span_hooks(model, tokenizer, deltas) -> HookLayers:
+    """Span-gated hooks whose span holds a few of PROMPTS' keys and whose α opens about half of their tokens."""
+    from comeba.gate import span_gate, span_scores
+
+    layout = detect_layout(model)
+    keys = {l: [] for l in deltas}
+    handles = [model.get_submodule(layout.mlp_out_name(l)).register_forward_hook(
+        lambda m, a, o, l=l: keys[l].append(a[0].reshape(-1, a[0].shape[-1]).double())) for l in deltas]
+    with torch.no_grad():
+        for p in PROMPTS:
+            model(input_ids=tokenizer(p, return_tensors="pt").input_ids)
+    for h in handles:
+        h.remove()
+    states = {}
+    for l, d in deltas.items():
+        k = torch.cat(keys[l])
+        c0 = k.T @ k / len(k) + 1e-3 * torch.eye(k.shape[1], dtype=torch.float64)
+        gate = span_gate(c0, c0 + k[::4].T @ k[::4], 1.0)
+        alpha = float(span_scores(k, gate).median())
+        states[l] = LayerState(d, alpha, gate)
+    return HookLayers(model, layout, states)
+
+
+def test_span_gate_beam_search_with_and_without_cache_agree(arch, tiny_model, tokenizer):
+    ids = tokenizer(PROMPTS[1], return_tensors="pt").input_ids
+    with _span_hooks(tiny_model, tokenizer, _deltas(scale=0.5)) as hooks, torch.no_grad():
+        hooks.record()
+        tiny_model(input_ids=ids)
+        opened = torch.cat([r.gate.reshape(-1) for r in hooks.records.values()])
+        assert opened.any() and not opened.all()
+        hooks.record(False)
+        runs = [tiny_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=3,
+                                    max_new_tokens=6, min_new_tokens=6, use_cache=c) for c in (True, False)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_span_gate_continues_a_callers_cache_as_a_full_pass(arch, tiny_model, tokenizer):
+    ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+    with _span_hooks(tiny_model, tokenizer, _deltas(scale=0.5)), torch.no_grad():
+        full = tiny_model(input_ids=ids).logits
+        out = tiny_model(input_ids=ids[:, :5], use_cache=True)
+        rest = tiny_model(input_ids=ids[:, 5:], use_cache=True, **{models.cache_kwarg(tiny_model): _cache_of(out)})
+    torch.testing.assert_close(rest.logits, full[:, 5:], rtol=1e-4, atol=1e-4)
+
+
+def test_reference_gate_refuses_a_cache_it_did_not_see(tiny_model, tokenizer):
+    ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        cache = _cache_of(tiny_model(input_ids=ids[:, :5], use_cache=True))  # filled without the hooks
+        with _hooks(tiny_model, _deltas(scale=0.5), 0.3):
+            with pytest.raises(RuntimeError, match="reference gate has seen 0 of the 5 cached positions"):
+                tiny_model(input_ids=ids[:, 5:], use_cache=True, **{models.cache_kwarg(tiny_model): cache})
+            # the hooks still work for a whole text afterwards
+            tiny_model(input_ids=ids)
+
+
+def test_concurrent_calls_keep_their_own_gate_state(tiny_model, tokenizer):
+    """Two threads through one hooked model: each call sees only its own mask and running statistics."""
+    import threading
+
+    batches = [_batch(tokenizer, PROMPTS[:2]), tokenizer(PROMPTS[2:], return_tensors="pt", padding=True)]
+    with _hooks(tiny_model, _deltas(scale=0.5), 0.3):
+        expected = [_logits(tiny_model, b) for b in batches]
+        results, errors = {0: [], 1: []}, []
+
+        def work(i):
+            try:
+                for _ in range(15):
+                    results[i].append(_logits(tiny_model, batches[i]))
+            except Exception as err:  # noqa: BLE001 - reported below
+                errors.append(err)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+    for i in (0, 1):
+        for got in results[i]:
+            assert torch.equal(got, expected[i])
+
+
+def test_reference_gate_statistics_follow_a_cache_reorder(arch, tiny_model, tokenizer):
+    """Beam search reorders the cache's rows between steps (`reorder_cache`): the running statistics must follow,
+    so a row that continues another row's prefix is gated as if it had run that prefix itself."""
+    a, b = (tokenizer(p, return_tensors="pt").input_ids for p in PROMPTS[:2])
+    n = min(a.shape[1], b.shape[1])
+    a, b = a[:, :n], b[:, :n]
+    step = tokenizer(" city", return_tensors="pt").input_ids[:, :1]
+    kw = models.cache_kwarg(tiny_model)
+    with _hooks(tiny_model, _deltas(scale=0.5), 0.0), torch.no_grad():
+        cache = _cache_of(tiny_model(input_ids=torch.cat([a, b]), use_cache=True))
+        cache.reorder_cache(torch.tensor([1, 1]))
+        moved = tiny_model(input_ids=step.repeat(2, 1), use_cache=True, **{kw: cache}).logits
+        cache = _cache_of(tiny_model(input_ids=torch.cat([b, b]), use_cache=True))
+        direct = tiny_model(input_ids=step.repeat(2, 1), use_cache=True, **{kw: cache}).logits
+    torch.testing.assert_close(moved, direct, rtol=1e-5, atol=1e-5)

@@ -156,6 +156,11 @@ class RunningStats:
         z = torch.zeros(batch, dtype=torch.float64, device=device)
         return cls(z.clone(), z.clone(), z.clone())
 
+    def select(self, rows: torch.Tensor) -> "RunningStats":
+        """The statistics of the given rows (beam search reorders its sequences between steps)."""
+        rows = rows.to(self.n.device)
+        return RunningStats(self.n[rows], self.s1[rows], self.s2[rows])
+
     def update(self, m: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Add this chunk's valid tokens, then return their z-scores (NaN elsewhere)."""
         valid = mask.to(torch.bool)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -46,8 +47,12 @@ class LayerState:
 
 @dataclass
 class _CallState:
+    """What one thread's current forward call needs across layers: its mask, and for the reference gate the
+    running statistics of the sequences and how many positions they cover (to check a KV cache against)."""
+
     mask: torch.Tensor | None = None
     running: dict[int, RunningStats] = field(default_factory=dict)
+    seen: int = 0
 
 
 @dataclass
@@ -77,11 +82,12 @@ class HookLayers:
         self._rule: Callable[[torch.Tensor], float] | None = None
         self.records: dict[int, GateRecord] | None = None
         self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
-        self._state = _CallState()
+        self._local = threading.local()  # concurrent calls from several threads each get their own call state
         # The module that runs the decoder layers sees every call, also model.forward() or
         # a wrapper's direct call of the base model, so per-call state resets there.
         base = get_module(model, layout.layers.rsplit(".", 1)[0])
         self._top = base.register_forward_pre_hook(self._on_call, with_kwargs=True)
+        self._top_out = base.register_forward_hook(self._on_return)
         for layer, state in (layers or {}).items():
             self.set(layer, state, gated)
 
@@ -97,6 +103,7 @@ class HookLayers:
             handle.remove()
         self._handles.clear()
         self._top.remove()
+        self._top_out.remove()
 
     def set(self, layer: int, weights: LayerState, gated: bool = True) -> None:
         name = self.layout.mlp_out_name(layer)
@@ -150,8 +157,21 @@ class HookLayers:
         return out
 
     # -- hooks
+    @property
+    def _state(self) -> _CallState:
+        state = getattr(self._local, "state", None)
+        if state is None:
+            state = self._local.state = _CallState()
+        return state
+
     def _on_call(self, module, args, kwargs):
-        """Pre-hook on the base model: remember the attention mask; new sequences reset the gate statistics."""
+        """Pre-hook on the base model: remember the attention mask; new sequences reset the gate statistics.
+
+        The reference gate's z-scores need every earlier token of the sequence: a KV cache that these hooks
+        did not fill (pre-filled by the caller, or cropped) is refused, and when beam search reorders the
+        cache's rows the statistics are reordered with them. The span gate needs neither: a token's gate
+        depends on its key alone.
+        """
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs.get("inputs_embeds")
@@ -166,9 +186,39 @@ class HookLayers:
             self._state.mask = mask[:, -length:]
         else:
             self._state.mask = None
-        if past == 0 or any(r.n.shape[0] != batch for r in self._state.running.values()):
-            self._state.running = {}
+        state = self._state
+        if past == 0 or any(r.n.shape[0] != batch for r in state.running.values()):
+            state.running, state.seen = {}, 0
+        if past != state.seen and any(self.gated[l] and l not in self._span for l in self.weights):
+            seen, state.running, state.seen = state.seen, {}, 0
+            raise RuntimeError(
+                f"the reference gate has seen {seen} of the {past} cached positions of this call: its "
+                "z-scores need the whole text run through the edited model (a KV cache filled without the hooks, "
+                "or cropped, cannot be continued); run the full text, or use the span gate (gate: span)")
+        state.seen = past + (length or 0)
+        self._follow_reorders(cache)
         return None
+
+    def _on_return(self, module, args, out) -> None:
+        """Post-hook on the base model: a cache it created is followed too (it may be reordered before the next
+        call)."""
+        for name in ("past_key_values", "cache"):
+            self._follow_reorders(getattr(out, name, None))
+
+    def _follow_reorders(self, cache) -> None:
+        """Make `cache.reorder_cache(beam_idx)` (beam search) reorder the calling thread's gate statistics too."""
+        if cache is None or not hasattr(cache, "reorder_cache") or getattr(cache, "_comeba_hooks", None) is self:
+            return
+        original = cache.reorder_cache
+
+        def reorder_cache(beam_idx, *args, **kwargs):
+            out = original(beam_idx, *args, **kwargs)
+            state = self._state
+            state.running = {l: r.select(beam_idx) for l, r in state.running.items()}
+            return out
+
+        cache.reorder_cache = reorder_cache
+        cache._comeba_hooks = self
 
     def _on_output(self, layer: int, args, out: torch.Tensor) -> torch.Tensor:
         k = args[0]
