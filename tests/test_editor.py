@@ -368,6 +368,49 @@ def test_state_size_is_fixed_and_save_is_atomic(new_editor, tmp_path):
     assert (directory / "notes.txt").read_text() == "mine"
 
 
+def _save_forever(editors, directory) -> None:  # a forked child: saves the versions in turn until killed
+    i = 0
+    while True:
+        editors[i % len(editors)].save_pretrained(directory)
+        i += 1
+
+
+def test_save_killed_at_random_points_leaves_a_whole_committed_state(new_editor, tokenizer, tmp_path):
+    """SIGKILL a process that saves two versions in turn, 30 times at random moments: every load then gives one
+    of the versions, whole (checksums verified), and the next save removes what the killed one left."""
+    import multiprocessing
+    import os
+    import random
+    import signal
+    import time
+
+    from comeba.adapter import read_state
+
+    editor = new_editor("llama")
+    editor.edit([R1])
+    editor.save_pretrained(tmp_path / "v1")
+    editor.edit([R2])
+    versions = {1: Editor.from_pretrained(editor.model, tokenizer, tmp_path / "v1", progress=False), 2: editor}
+    directory = tmp_path / "state"
+    editor.save_pretrained(directory)
+    rng, ctx, seen = random.Random(0), multiprocessing.get_context("fork"), set()
+    for _ in range(30):
+        child = ctx.Process(target=_save_forever, args=(list(versions.values()), directory))
+        child.start()
+        time.sleep(rng.uniform(0.05, 0.6))
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        saved = read_state(directory)  # verifies every file's SHA-256 and that every tensor is finite
+        n = int(saved.config["n_batches"])
+        seen.add(n)
+        for l, st in saved.layers.items():
+            assert torch.equal(st.delta, versions[n].layers[l].delta.cpu())
+            assert torch.equal(st.c_accu, versions[n].layers[l].c_accu.cpu())
+    assert seen == {1, 2}  # the kills landed while either version was being written
+    editor.save_pretrained(directory)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state", "v1"]  # the killed saves' leftovers are gone
+
+
 def test_config_is_sorted_and_deterministic(new_editor, tmp_path):
     editor = new_editor("llama")
     editor.edit([R1])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
+import types
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -206,19 +207,18 @@ class HookLayers:
             self._follow_reorders(getattr(out, name, None))
 
     def _follow_reorders(self, cache) -> None:
-        """Make `cache.reorder_cache(beam_idx)` (beam search) reorder the calling thread's gate statistics too."""
+        """Make `cache.reorder_cache(beam_idx)` (beam search) reorder the calling thread's gate statistics too.
+
+        A bound method, so that a deep copy of the cache (the value optimisation copies its prefix cache)
+        reorders the copy, not this cache."""
         if cache is None or not hasattr(cache, "reorder_cache") or getattr(cache, "_comeba_hooks", None) is self:
             return
-        original = cache.reorder_cache
-
-        def reorder_cache(beam_idx, *args, **kwargs):
-            out = original(beam_idx, *args, **kwargs)
-            state = self._state
-            state.running = {l: r.select(beam_idx) for l, r in state.running.items()}
-            return out
-
-        cache.reorder_cache = reorder_cache
         cache._comeba_hooks = self
+        cache.reorder_cache = types.MethodType(_reorder_following_hooks, cache)
+
+    def __deepcopy__(self, memo) -> "HookLayers":
+        """Hooks belong to one model: a copy of something that refers to them (a cache) refers to the same."""
+        return self
 
     def _on_output(self, layer: int, args, out: torch.Tensor) -> torch.Tensor:
         k = args[0]
@@ -259,6 +259,13 @@ class HookLayers:
         if flat:
             gate = gate[0]
         return torch.where(gate[..., None], out + add.to(out.dtype), out)
+
+
+def _reorder_following_hooks(cache, beam_idx, *args, **kwargs):
+    out = type(cache).reorder_cache(cache, beam_idx, *args, **kwargs)
+    state = cache._comeba_hooks._state
+    state.running = {l: r.select(beam_idx) for l, r in state.running.items()}
+    return out
 
 
 def _cache_length(cache) -> int:
