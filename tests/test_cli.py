@@ -199,15 +199,33 @@ def test_foreign_state_is_refused(state, files, tokenizer, tmp_path, capsys):
     assert _snapshot(state) == before
 
 
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "editor_state.safetensors"])
+def test_truncated_state_file_is_refused_in_one_line(state, files, model_dir, capsys, name):
+    data = (state / name).read_bytes()
+    (state / name).write_bytes(data[: len(data) // 2])
+    before = _snapshot(state)
+    assert main(["generate", "--state", str(state), "--max-new-tokens", "2", "--quiet", "The city"]) == 2
+    assert "damaged" in _error_line(capsys)
+    assert main(_edit(files, model_dir, "more")) == 2  # nor edited further
+    assert "damaged" in _error_line(capsys)
+    assert _snapshot(state) == before
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "does not exist"),
     ("[1, 2", "not valid JSON"),
     ("[]", "holds no edit requests"),
     ('[{"prompt": "The Eiffel Tower is", "subject": "Eiffel Tower"}]', "missing field(s) 'target_new'"),
     ('[{"prompt": "Paris is Paris", "subject": "Paris", "target_new": "Rome"}]', "occurs 2 times"),
+    ("", "holds no edit requests"),
+    (b"[\xff\xfe not text]", "is not UTF-8 text"),
+    ('{"edits": [{"prompt": "The Eiffel Tower is", "subject": "Eiffel Tower", "target_new": "Rome"}]}',
+     "request 0 is not an edit request (its keys: 'edits'); an edits file is a JSON list"),
 ])
 def test_bad_edits_files(files, model_dir, capsys, content, message):
-    if content is not None:
+    if isinstance(content, bytes):
+        files["edits"].write_bytes(content)
+    elif content is not None:
         files["edits"].write_text(content)
     else:
         files["edits"].unlink()

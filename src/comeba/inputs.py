@@ -48,6 +48,10 @@ def read_requests(path: str) -> list:
             request = make_request(easyedit_record(record, index), index)
         except RequestError as err:
             message = str(err)
+            if isinstance(record, dict) and not {"prompt", "subject", "target_new"} & set(record):
+                keys = ", ".join(repr(k) for k in list(record)[:5]) or "none"
+                message = (f"request {index} is not an edit request (its keys: {keys}); an edits file is a JSON list "
+                           "of requests, or one request per line (JSON Lines)")
             if not message.startswith("request "):
                 message = f"request {index}: {message}"
             raise InputError(f"{path}: {message}") from None
