@@ -13,7 +13,6 @@ from comeba.models import cache_kwarg
 
 from comeba.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EDITING_STATE, StateError, load_edits
 from comeba.editor import Editor
-from comeba.gate import batch_gate_maxima
 from comeba.hooks import LayerState
 from comeba.hparams import HParams
 from comeba.models import weights_checksum
@@ -229,16 +228,25 @@ def test_unrelated_text_gives_base_logits_exactly(new_editor, tokenizer):
     model = editor.model
     deltas = {l: s.delta for l, s in editor.layers.items()}
     assert all(s.alpha > 1.2 for s in editor.layers.values())
-    quiet = []
-    for text in UNRELATED:
-        maxima = batch_gate_maxima(model, tokenizer, editor.layout, [text], deltas)
-        if all(float(maxima[l][0]) < editor.layers[l].alpha for l in deltas):
-            quiet.append(text)
+    quiet, loud = [], []
+    for text in UNRELATED:  # the z-scores by hand, from the unedited model's keys (no comeba code involved)
+        keys = {}
+        handles = [model.get_submodule(editor.layout.mlp_out_name(l)).register_forward_hook(
+            lambda m, a, o, l=l: keys.__setitem__(l, a[0][0].double())) for l in deltas]
+        try:
+            _logits(model, tokenizer, text)
+        finally:
+            for h in handles:
+                h.remove()
+        z = {l: (m - m.mean()) / m.std() for l in deltas for m in [(keys[l] @ deltas[l].double().T).norm(dim=-1)]}
+        (quiet if all(float(z[l].max()) < editor.layers[l].alpha for l in deltas) else loud).append(text)
     assert quiet, "every unrelated text opened some gate"
-    base = {t: _logits(model, tokenizer, t) for t in quiet + [R1["prompt"]]}
+    base = {t: _logits(model, tokenizer, t) for t in UNRELATED + [R1["prompt"]]}
     with editor.applied():
         for t in quiet:
             assert torch.equal(_logits(model, tokenizer, t), base[t]), t
+        for t in loud:  # a gate opened (its first opening is computed from exact keys): the answer moves
+            assert not torch.equal(_logits(model, tokenizer, t), base[t]), t
         assert not torch.equal(_logits(model, tokenizer, R1["prompt"]), base[R1["prompt"]])
 
 

@@ -133,6 +133,9 @@ def test_edits_take_effect_and_comeba_keeps_locality(llama, tokenizer, corpus):
     assert summary["post"]["reliability"] > summary["pre"]["reliability"]
     assert summary["post"]["efficacy_score"] >= summary["pre"]["efficacy_score"]
     assert set(summary["method_info"]["alpha"]) == {"1", "2"}
+    # the neighbourhood prompts keep their answers, where the same edits written into the weights move them
+    ungated = _run(llama, tokenizer, corpus, "seq-memit", "consecutive")
+    assert summary["post"]["locality"] == 100.0 and ungated["post"]["locality"] < 95
 
 
 def test_resume_after_interrupt(llama, tokenizer, corpus, tmp_path, monkeypatch):

@@ -156,3 +156,100 @@ def test_solve_refuses_an_ill_conditioned_system():
     with pytest.raises(ValueError, match="ill-conditioned|not positive definite"):
         solve_update(resid, keys, covariance)
     solve_update(resid, keys, q @ torch.diag(torch.logspace(0, -6, d, dtype=torch.float64)) @ q.T)  # 1e6 is fine
+
+
+def _plain_loss(model, tok, layout, reqs, templates, delta: torch.Tensor) -> torch.Tensor:
+    """The loss of docs/method.md §3.1 from scratch: one full, unpadded forward pass per sequence, δ added to
+    layer l_n's output at the subject's last token by a plain forward hook, no cache, no replayed layers."""
+    from comeba.compute import KL_PROMPT, fill_template
+    from comeba.text import encode_prompt, encode_target, subject_last_index
+
+    layer = model.get_submodule(layout.layer_name(HP.layers[-1]))
+
+    def log_probs(ids: list[int], at: int, d: torch.Tensor) -> torch.Tensor:
+        def add(module, args, out):
+            h = out[0] if isinstance(out, tuple) else out
+            h = h.clone()
+            h[0, at] = h[0, at] + d
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+
+        handle = layer.register_forward_hook(add)
+        try:
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+        finally:
+            handle.remove()
+        return torch.log_softmax(logits.float(), -1)
+
+    losses = []
+    for i, r in enumerate(reqs):
+        target = encode_target(tok, r.target_new)
+        nll = []
+        for t in templates:
+            filled = fill_template(t, r)
+            prompt = encode_prompt(tok, filled.format(r.subject))
+            lp = log_probs(prompt + target[:-1], subject_last_index(tok, filled, r.subject), delta[i])
+            nll.append(-sum(lp[len(prompt) - 1 + j, tok_id] for j, tok_id in enumerate(target)) / len(target))
+        kl_ids = encode_prompt(tok, KL_PROMPT.format(r.subject))
+        at = subject_last_index(tok, KL_PROMPT, r.subject)
+        now = log_probs(kl_ids, at, delta[i])[at]
+        with torch.no_grad():
+            ref = log_probs(kl_ids, at, torch.zeros_like(delta[i]))[at]
+        kl = (now.exp() * (now - ref)).sum()  # KL(p_δ ‖ p_0)
+        bare = fill_template(templates[0], r)  # template 0 is the bare prompt
+        with torch.no_grad():
+            h = _layer_output(model, layer, encode_prompt(tok, bare.format(r.subject)),
+                              subject_last_index(tok, bare, r.subject))
+        decay = HP.v_weight_decay * delta[i].norm() / h.norm() ** 2
+        losses.append(torch.stack(nll).mean() + HP.kl_factor * kl + decay)
+    return torch.stack(losses)
+
+
+def _layer_output(model, layer, ids: list[int], at: int) -> torch.Tensor:
+    seen = []
+    handle = layer.register_forward_hook(lambda m, a, o: seen.append((o[0] if isinstance(o, tuple) else o)[0, at]))
+    try:
+        model(input_ids=torch.tensor([ids]))
+    finally:
+        handle.remove()
+    return seen[0].float()
+
+
+AFTER_SUBJECT = REQUESTS[:2] + [  # tokens after the subject in the prompt
+    {"prompt": "Michael Jordan has always liked to eat", "subject": "Michael Jordan", "target_new": "pizza with cheese"},
+]
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_fast_objective_equals_the_plain_computation(arch, make_tiny, tokenizer, attention):
+    """The prefix cache, the replayed layers and the length groups compute exactly the loss and gradient of
+    full passes over every prompt (with tokens after the subject, and a KL term at δ ≠ 0)."""
+    model = make_tiny(arch)
+    model.set_attn_implementation(attention)
+    tok, layout, reqs = tokenizer, detect_layout(model), make_requests(AFTER_SUBJECT)
+    templates = context_templates(model, tok, HP)
+    torch.manual_seed(1)
+    delta = 0.5 * torch.randn(len(reqs), model.config.hidden_size)
+    active = torch.ones(len(reqs), dtype=torch.bool)
+    fast = _Objective(model, tok, layout, reqs, HP, templates)
+    fast.value_and_grad(torch.zeros_like(delta), active)  # the first call fixes the KL reference (δ = 0)
+    loss, grad = fast.value_and_grad(delta, active)
+    param = delta.clone().requires_grad_(True)
+    plain = _plain_loss(model, tok, layout, reqs, templates, param)
+    (plain_grad,) = torch.autograd.grad(plain.sum(), param)
+    assert bool((plain > 0).all())
+    torch.testing.assert_close(loss, plain.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, plain_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_solve_satisfies_the_normal_equations():
+    """Δ = R Kᵀ (C + K Kᵀ)⁻¹ is the minimiser of ‖Δ Kᵀ... ‖: it satisfies Δ (C + K Kᵀ) = R Kᵀ."""
+    g = torch.Generator().manual_seed(0)
+    d_in, d_out, n = 24, 10, 6
+    a = torch.randn(d_in, 3 * d_in, generator=g, dtype=torch.float64)
+    C = a @ a.T / (3 * d_in)
+    K = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    R = torch.randn(n, d_out, generator=g, dtype=torch.float64)
+    delta = solve_update(R, K, C)
+    assert delta.shape == (d_out, d_in)
+    torch.testing.assert_close(delta @ (C + K.T @ K), R.T @ K, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(delta, R.T @ K @ torch.linalg.inv(C + K.T @ K), rtol=1e-8, atol=1e-9)

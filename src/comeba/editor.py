@@ -200,7 +200,7 @@ class Editor:
         self.detach()
         new = {l: s.copy() for l, s in self.layers.items()}
         try:
-            with HookLayers(self.model, self.layout, self.layers) as hooks:
+            with HookLayers(self.model, self.layout, self.layers, check_cache=False) as hooks:
                 # 1. target values with the validated hooks (the model as edited so far)
                 z = target_values(self.model, self.tokenizer, self.layout, batch, hp, self.templates, progress=self.progress)
                 bad = (~torch.isfinite(z).all(dim=1)).nonzero().flatten().tolist()

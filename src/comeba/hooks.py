@@ -70,11 +70,15 @@ class HookLayers:
 
     Use as a context manager or call `remove()`. `set(layer, state, gated)`
     switches a layer between temporary (ungated) and validated (gated) or changes ΔW.
+    `check_cache=False` lets the reference gate continue a KV cache it did not
+    fill, with the statistics it has (the editor's value optimisation runs
+    suffixes on a cropped prefix cache).
     """
 
     def __init__(self, model: torch.nn.Module, layout: Layout, layers: dict[int, LayerState] | None = None,
-                 gated: bool = True):
+                 gated: bool = True, check_cache: bool = True):
         self.model = model
+        self.check_cache = check_cache
         self.layout = layout
         self.weights: dict[int, LayerState] = {}
         self.gated: dict[int, bool] = {}
@@ -190,7 +194,7 @@ class HookLayers:
         state = self._state
         if past == 0 or any(r.n.shape[0] != batch for r in state.running.values()):
             state.running, state.seen = {}, 0
-        if past != state.seen and any(self.gated[l] and l not in self._span for l in self.weights):
+        if self.check_cache and past != state.seen and any(self.gated[l] and l not in self._span for l in self.weights):
             seen, state.running, state.seen = state.seen, {}, 0
             raise RuntimeError(
                 f"the reference gate has seen {seen} of the {past} cached positions of this call: its "
