@@ -8,7 +8,7 @@ the same keys, all with d_in × d_in memory per layer (no key bank):
 
 - ``h``       the shipped score, h(k) = wᵀ H w / wᵀ w, H = S (I + S)⁻¹;
 - ``h_b{β}``  a sharper span, H = S (βI + S)⁻¹: only directions with whitened edit energy ≫ β count;
-- ``cum``     the mean of h over the hooked layers up to this one at the same token (causal: the hook at
+- ``cum``     (``cum_b{β}`` with --cum-beta) the mean of h over the hooked layers up to this one at the same token (causal: the hook at
               layer l knows the scores of layers ≤ l); general text's scores are partly independent
               across layers, an edited subject's are high at all of them;
 - ``and``     open at layer l only if h opened at every hooked layer ≤ l (each at its own threshold).
@@ -123,6 +123,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[200, 1000, 2000])
     ap.add_argument("--eps", type=float, default=1e-3)
     ap.add_argument("--betas", type=float, nargs="+", default=[0.1, 10.0])
+    ap.add_argument("--cum-beta", type=float, default=1.0, help="the β of the span whose scores `cum` and `and` use")
     ap.add_argument("--cache", default="/tmp/comeba-gate-designs.pt")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gate_probe" / "gate_designs.json"))
@@ -139,7 +140,7 @@ def main() -> None:
         reph_mask = data["reph_owner"] < n
         neigh_idx = [j for j in range(len(data["neigh_owner"])) if data["neigh_owner"][j] < n]
         per_layer_h = {}
-        for beta in [1.0, *args.betas]:
+        for beta in dict.fromkeys([1.0, *args.betas, args.cum_beta]):
             name = "h" if beta == 1.0 else f"h_b{beta:g}"
             for l in layers:
                 P, H = span_matrices(data["c0"][l], data["K"][l][:n], data["lam"], beta)
@@ -147,7 +148,7 @@ def main() -> None:
                 sc = {"calib": [f(k) for k in data["calib"][l]], "test": [f(k) for k in data["test"][l]],
                       "bare": f(data["bare"][l][:n]), "reph": f(data["reph"][l][reph_mask]),
                       "other": f(data["other"][l]), "neigh": [f(data["neigh"][l][j]) for j in neigh_idx]}
-                if beta == 1.0:
+                if beta == args.cum_beta:
                     per_layer_h[l] = sc
                 rows.append(summarise(n, l, name, sc, args.eps))
         # causal designs across layers, built from h
@@ -155,11 +156,12 @@ def main() -> None:
         for i, l in enumerate(layers):
             upto = layers[: i + 1]
             cum = {key: _mean([per_layer_h[j][key] for j in upto]) for key in per_layer_h[l]}
-            rows.append(summarise(n, l, "cum", cum, args.eps))
+            suffix = "" if args.cum_beta == 1.0 else f"_b{args.cum_beta:g}"
+            rows.append(summarise(n, l, "cum" + suffix, cum, args.eps))
             r = rates(per_layer_h[l], args.eps)
             opened = r["open"] if prev_open is None else {k: _and(prev_open[k], r["open"][k]) for k in r["open"]}
             prev_open = opened
-            rows.append(summarise_open(n, l, "and", opened, per_layer_h[l]))
+            rows.append(summarise_open(n, l, "and" + suffix, opened, per_layer_h[l]))
         for row in rows:
             if row["n_edits"] == n:
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)

@@ -636,7 +636,7 @@ def test_load_onto_another_model_is_refused(new_editor, make_tiny, tokenizer, tm
         Editor.from_pretrained(other, tokenizer, tmp_path / "nowhere")
 
 
-def test_state_saved_under_the_first_fingerprint_format_still_loads(new_editor, make_tiny, tokenizer, tmp_path):
+def test_state_saved_by_an_earlier_version_still_loads(new_editor, make_tiny, tokenizer, tmp_path):
     from comeba.models import legacy_fingerprint
 
     editor = new_editor("gpt2")
@@ -645,9 +645,10 @@ def test_state_saved_under_the_first_fingerprint_format_still_loads(new_editor, 
     path = tmp_path / "state" / ADAPTER_CONFIG
     config = json.loads(path.read_text())
     config["base_model"]["fingerprint"] = legacy_fingerprint(editor.model)
+    del config["hparams"]["gate_span_beta"]  # a state saved before that setting existed was made with β = 1
     path.write_text(json.dumps(config))
     again = Editor.from_pretrained(editor.model, tokenizer, tmp_path / "state")
-    assert again.n_batches == editor.n_batches
+    assert again.n_batches == editor.n_batches and again.hparams.gate_span_beta == 1.0
     config["base_model"]["fingerprint"] = legacy_fingerprint(make_tiny("gpt2", seed=1))
     path.write_text(json.dumps(config))
     with pytest.raises(StateError, match="fingerprint"):

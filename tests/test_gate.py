@@ -101,6 +101,24 @@ def test_an_edited_key_scores_high_and_an_orthogonal_one_zero():
     assert span_scores(_keys(c0, 200, 7).float(), gate).median() < 0.3
 
 
+@pytest.mark.parametrize("beta", [0.1, 0.5, 3.0])
+def test_span_beta_counts_weaker_directions(beta):
+    """H = (βI + S)⁻¹ S: one edit scores g / (β + g) exactly (Sherman–Morrison), and a smaller β raises every
+    score (H is monotone in 1/β)."""
+    d, lam = 16, 20.0
+    c0 = _spd(d, 3)
+    a0 = lam * c0
+    [k] = _keys(c0, 1, 4) * 3
+    gate = span_gate(c0, a0 + torch.outer(k, k), lam, beta)
+    g = float(k @ torch.linalg.solve(a0, k))
+    assert float(span_scores(k[None].float(), gate)) == pytest.approx(g / (beta + g), rel=1e-4)
+    edits = _keys(c0, 6, 5) * 2
+    probe = torch.cat([_keys(c0, 100, 7), edits]).float()
+    sharp = span_scores(probe, span_gate(c0, a0 + edits.T @ edits, lam, beta))
+    soft = span_scores(probe, span_gate(c0, a0 + edits.T @ edits, lam, beta / 2))
+    assert (soft >= sharp - 1e-6).all() and (soft > sharp + 1e-4).any()
+
+
 def test_no_accumulated_keys_scores_zero():
     d, lam = 16, 20.0
     c0 = _spd(d, 8).float()  # C_accu = λ·C0 exactly as the editor starts (float64 copy of the float32 C0)

@@ -172,7 +172,12 @@ def _finite(directory: Path, what: str, layer: int, t: torch.Tensor | None) -> N
                          "infinite values; it was not loaded")
 
 
+# Settings that states saved before them were made with (so that such a state goes on as it was made).
+EARLIER_DEFAULTS = {"gate_span_beta": 1.0}
+
+
 def _read_v2(directory: Path, config: dict[str, Any], editing: bool) -> SavedState:
+    config = {**config, "hparams": {**EARLIER_DEFAULTS, **config["hparams"]}}
     files = config.get("files", {})
     weights, _ = _load(directory, ADAPTER_WEIGHTS, files.get(ADAPTER_WEIGHTS))
     state, meta = ({}, {})
@@ -207,7 +212,8 @@ def _read_v2(directory: Path, config: dict[str, Any], editing: bool) -> SavedSta
 def _read_v1(directory: Path, config: dict[str, Any]) -> SavedState:
     """Format 1: one tensor file keyed by layer number, named in comeba_config.json; the span gate is rebuilt."""
     tensors, _ = _load(directory, config.get("tensors", ""), config.get("tensors_sha256"))
-    hp = {"gate": "reference", **config["hparams"]}  # states saved before the span gate used the reference gate
+    # states saved before the span gate used the reference gate; before the subject floor, none
+    hp = {"gate": "reference", "gate_subject_share": 0.0, **EARLIER_DEFAULTS, **config["hparams"]}
     layers = {}
     for l in hp["layers"]:
         try:
@@ -219,7 +225,7 @@ def _read_v1(directory: Path, config: dict[str, Any]) -> SavedState:
             raise StateError(f"editor state in {directory} lacks the span gate's C0 of layer {l}")
         for what, t in (("ΔW", delta), ("C_accu", c_accu), ("C0", c0)):
             _finite(directory, what, l, t)
-        span = span_gate(c0, c_accu, hp["mom2_update_weight"]) if hp["gate"] == "span" else None
+        span = span_gate(c0, c_accu, hp["mom2_update_weight"], hp["gate_span_beta"]) if hp["gate"] == "span" else None
         layers[l] = LayerState(delta, float(config["alpha"][str(l)]), span, c_accu, c0 if hp["gate"] == "span" else None)
     calibration = None
     if hp["gate"] == "span":

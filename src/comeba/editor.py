@@ -94,7 +94,7 @@ class Editor:
                 if st.c0 is None:
                     raise ValueError(f"the span gate needs C0 for layer {l}")
                 if st.span is None:
-                    st.span = span_gate(st.c0, st.c_accu, hparams.mom2_update_weight)
+                    st.span = span_gate(st.c0, st.c_accu, hparams.mom2_update_weight, hparams.gate_span_beta)
         self._hooks = None
         return self
 
@@ -222,7 +222,7 @@ class Editor:
                     state.delta = state.delta + delta.to(state.delta)
                     state.c_accu = accumulate_keys(state.c_accu, keys)
                     if state.c0 is not None:
-                        state.span = span_gate(state.c0, state.c_accu, hp.mom2_update_weight)
+                        state.span = span_gate(state.c0, state.c_accu, hp.mom2_update_weight, hp.gate_span_beta)
                     # validated from here on, with the previous batch's α (as the reference)
                     hooks.set(layer, state.copy())
 

@@ -46,7 +46,7 @@ def hook_addition(k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SpanGate:
-    """The span gate of one layer: whitening P = L⁻¹ (λC0 = L Lᵀ) and H = (I + S_w)⁻¹ S_w, both float32.
+    """The span gate of one layer: whitening P = L⁻¹ (λC0 = L Lᵀ) and H = (βI + S_w)⁻¹ S_w, both float32.
 
     With w = P k the key whitened against general text and S_w = P (Σ K Kᵀ) Pᵀ
     the accumulated edit keys in the same coordinates, the score
@@ -63,8 +63,9 @@ class SpanGate:
                         self.span.to(device=device, dtype=torch.float32))
 
 
-def span_gate(c0: torch.Tensor, c_accu: torch.Tensor, lam: float) -> SpanGate:
-    """The span gate of C_accu = λC0 + Σ K Kᵀ, computed in float64 (H is well conditioned: eigenvalues in [0, 1))."""
+def span_gate(c0: torch.Tensor, c_accu: torch.Tensor, lam: float, beta: float = 1.0) -> SpanGate:
+    """The span gate of C_accu = λC0 + Σ K Kᵀ with H = (βI + S_w)⁻¹ S_w, computed in float64 (H is well
+    conditioned: eigenvalues in [0, 1))."""
     c0 = c0.to(torch.float64)
     c_accu = c_accu.to(torch.float64)
     a0 = lam * c0
@@ -73,7 +74,7 @@ def span_gate(c0: torch.Tensor, c_accu: torch.Tensor, lam: float) -> SpanGate:
     whiten = torch.linalg.solve_triangular(chol, eye, upper=False)  # L⁻¹
     s_w = whiten @ (c_accu - a0) @ whiten.T
     s_w = 0.5 * (s_w + s_w.T)
-    h = torch.cholesky_solve(s_w, torch.linalg.cholesky(eye + s_w))
+    h = torch.cholesky_solve(s_w, torch.linalg.cholesky(beta * eye + s_w))
     h = 0.5 * (h + h.T)
     return SpanGate(whiten.to(torch.float32), h.to(torch.float32))
 

@@ -84,6 +84,10 @@ class HParams:
         "span gate: α is at least this share ρ of the median score of the batch's edited subjects, so that keys "
         "much less like an edit than the edits themselves (other subjects ending in the same word) keep the gate "
         "shut; 0 turns this floor off")
+    gate_span_beta: float = _setting(
+        1.0,
+        "span gate: β in H = S (βI + S)⁻¹, how much whitened edit energy a direction needs to count as edited "
+        "(smaller: weaker directions count too)")
     gate_calibration_tokens: int = _setting(
         4096,
         "span gate: tokens of held-back general text (from the statistics corpus, after the tokens C0 used) that "
@@ -136,6 +140,8 @@ class HParams:
             raise HParamsError(f"gate_false_open must be in (0, 1), got {self.gate_false_open!r}")
         if not self.gate_false_open <= self.gate_false_open_max < 1:
             raise HParamsError(f"gate_false_open_max must be in [gate_false_open, 1), got {self.gate_false_open_max!r}")
+        if not self.gate_span_beta > 0:
+            raise HParamsError(f"gate_span_beta must be > 0, got {self.gate_span_beta!r}")
         if not 0 <= self.gate_subject_share < 1:
             raise HParamsError(f"gate_subject_share must be in [0, 1), got {self.gate_subject_share!r}")
         if not 0 < self.gate_alpha0 < 1:
