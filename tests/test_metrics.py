@@ -178,6 +178,7 @@ def test_sampling_is_seeded(word_tok):
     one = M.generate_tokens(model, word_tok, ["a", "b"], 12, top_k=5, seed=3)
     two = M.generate_tokens(model, word_tok, ["a", "b"], 12, top_k=5, seed=3)
     assert one == two
+    assert M.generate_tokens(model, word_tok, ["b"], 12, top_k=5, seed=3) == one[1:]  # alone as in company
     assert all(len(x) == 12 for x in one)
     # top_k=1 is greedy.
     assert M.generate_tokens(model, word_tok, ["a"], 3, top_k=1) == [[3, 4, 5]]
@@ -248,7 +249,11 @@ def test_cached_generation_matches_uncached(tokenizer, make_tiny, arch):
     for batch_size in (1, 2, 3):  # unpadded, and left-padded batches of different lengths
         assert M.generate_tokens(model, tokenizer, prompts, [6, 3, 4], use_cache=True,
                                  batch_size=batch_size) == uncached
-    # sampling is seeded in both modes (the draws are taken in another order, so only per mode)
+    # sampling: a generator per prompt, so a prompt's sample is the same with or without the cache, alone or
+    # in any batch (what lets several processes share the records of an evaluation)
     a = M.generate_tokens(model, tokenizer, prompts, 5, top_k=5, seed=3, use_cache=True)
-    assert a == M.generate_tokens(model, tokenizer, prompts, 5, top_k=5, seed=3, use_cache=True)
+    assert a == M.generate_tokens(model, tokenizer, prompts, 5, top_k=5, seed=3)
+    assert [a[2], a[0]] == M.generate_tokens(model, tokenizer, [prompts[2], prompts[0]], 5, top_k=5, seed=3,
+                                             use_cache=True, batch_size=1)
+    assert a != M.generate_tokens(model, tokenizer, prompts, 5, top_k=5, seed=4, use_cache=True)
     assert M.exact_match_generation(model, tokenizer, prompts[:1], ["x"], use_cache=True) == [False]

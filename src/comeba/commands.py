@@ -14,7 +14,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .inputs import (InputError, base_model_of, check_stats_text, read_dataset, read_hparams, read_requests,
                      resolve_corpus, state_kind)
@@ -192,24 +192,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     """Under torchrun (WORLD_SIZE > 1) the processes join one group and share the work; rank 0 prints."""
+    layers = sorted(set(args.layers)) if args.layers else None
+    hp = read_hparams(args.hparams, mom2_n_tokens=args.stats_tokens, layers=layers)
+    check_stats_text(args.stats_text)
+    return _in_group(args, lambda: _stats(args, hp))
+
+
+def _in_group(args: argparse.Namespace, body: Callable[[], int]) -> int:
+    """`body()` in the process group torchrun describes (joined here and left after), or alone without one.
+
+    Rank 0 speaks for all: the other ranks run quietly, their standard output discarded."""
     import contextlib
     import os
 
     from .distributed import init_distributed_from_env
 
-    layers = sorted(set(args.layers)) if args.layers else None
-    hp = read_hparams(args.hparams, mom2_n_tokens=args.stats_tokens, layers=layers)
-    check_stats_text(args.stats_text)
     joined = init_distributed_from_env(args.device)
     try:
         import torch.distributed as dist
 
+        if joined or (dist.is_available() and dist.is_initialized()):
+            _prepare_model_in_turn(getattr(args, "model", None) or "embedded")
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         if rank == 0:
-            return _stats(args, hp)
-        args.quiet = True  # the other ranks compute quietly: rank 0 speaks for all
+            return body()
+        args.quiet = True
         with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-            return _stats(args, hp)
+            return body()
     finally:
         if joined:
             import torch.distributed as dist
@@ -240,8 +249,6 @@ def _stats(args: argparse.Namespace, hp) -> int:
     from .distributed import dist_context
 
     ctx = dist_context()
-    if ctx is not None:
-        _prepare_model_in_turn(args.model)
     model, tokenizer = load_model_for(args.model, args)
     layout = detect_layout(model)
     hp.check_model(num_layers(model, layout))
@@ -296,14 +303,19 @@ def _solver(method: str, hp) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import Settings, evaluate
-
+    """Under torchrun (WORLD_SIZE > 1) every process makes the same edits and evaluates its share of the
+    records; rank 0 prints and writes the run folder."""
     # 1. Everything that can be checked without the model.
     kind, loaded, hp = _eval_inputs(args)
-    out = Path(args.out)
     args.resume_hint = (f"run the same command again to resume {args.out} from its last checkpoint")
+    return _in_group(args, lambda: _eval(args, kind, loaded, hp))
+
+
+def _eval(args: argparse.Namespace, kind: str, loaded, hp) -> int:
+    from .evaluate import Settings, evaluate
 
     # 2. Model, statistics, the run.
+    out = Path(args.out)
     model_name = args.model or "embedded"
     if args.method == "comeba":
         _memory_plan_line(args, model_name, hp, len(loaded.requests))

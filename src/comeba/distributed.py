@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Callable
 
 import torch
 
@@ -77,3 +78,33 @@ def broadcast_object(obj, rank: int):
     return box[0]
 
 
+
+
+def is_lead() -> bool:
+    """Whether this process speaks and writes for the group (rank 0, or the only process)."""
+    ctx = dist_context()
+    return ctx is None or ctx[0] == 0
+
+
+def from_lead(obj):
+    """Rank 0's `obj` on every process of the group (the object itself without a group)."""
+    ctx = dist_context()
+    return obj if ctx is None else broadcast_object(obj, ctx[0])
+
+
+def gather_split(n: int, compute: Callable[[list[int]], list]) -> list:
+    """`compute(indices)` (one result per index) over items 0..n-1, the items dealt round-robin to the processes
+    of a group and the results gathered back in order on every process; `compute(range(n))` without a group."""
+    ctx = dist_context()
+    if ctx is None:
+        return list(compute(list(range(n))))
+    rank, world = ctx
+    mine = list(range(rank, n, world))
+    part = list(compute(mine)) if mine else []
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, part)
+    out: list = [None] * n
+    for r, results in enumerate(parts):
+        for i, value in zip(range(r, n, world), results):
+            out[i] = value
+    return out

@@ -48,6 +48,7 @@ from .baselines import AlphaEditEditor, WeightEditor, make_baseline
 from .compute import context_templates
 from .editor import Editor
 from .diagnostics import TextSample, gate_report, general_text_sample, text_pass
+from .distributed import dist_context, from_lead, gather_split, is_lead
 from .files import atomic_save_tensors
 from .hooks import HookLayers
 from .hparams import HParams
@@ -234,18 +235,27 @@ class _Run:
         return self.last(b) or (b + 1) % self.every == 0
 
 
+def _evaluate_records(model, tokenizer, reqs: Sequence[Request], reference: Sequence, settings: Settings,
+                      full: bool = True) -> list[dict[str, Any]]:
+    """`evaluate_requests`, the records dealt to the processes of a group (each holding the same edits)."""
+    return gather_split(len(reqs), lambda idx: evaluate_requests(
+        model, tokenizer, [reqs[i] for i in idx], [reference[i] for i in idx], settings, full=full))
+
+
 def _unedited(model, tokenizer, reqs: Sequence[Request], settings: Settings, key: Mapping[str, Any],
               folder: Path | None, pre_cache: str | Path | None, progress: bool,
               known: FingerprintCheck | None = None) -> tuple[list, list, float]:
     """(locality reference, pre-edit values, seconds) of the unedited model: saved ones when they match
     `key`, else computed once and saved (in the run folder and the shared `pre_cache`)."""
-    saved, stale = find_pre(folder, pre_cache, key, known)
+    saved, stale = find_pre(folder, pre_cache, key, known) if is_lead() else (None, [])
+    saved = from_lead(saved)
     if saved is None:
         t = time.perf_counter()
         if progress:
             tqdm.write(f"evaluating the {len(reqs)} records on the unedited model...", file=sys.stderr)
-        reference = locality_reference(model, tokenizer, reqs, settings.metric_batch_size)
-        pre = evaluate_requests(model, tokenizer, reqs, reference, settings, full=True)
+        reference = gather_split(len(reqs), lambda idx: locality_reference(
+            model, tokenizer, [reqs[i] for i in idx], settings.metric_batch_size))
+        pre = _evaluate_records(model, tokenizer, reqs, reference, settings, full=True)
         saved = {"key": key, "reference": reference, "pre": pre, "seconds": time.perf_counter() - t}
     write_pre(stale, saved)
     return saved["reference"], saved["pre"], saved["seconds"]
@@ -263,7 +273,7 @@ def _evaluate_batch(run: _Run, runner: _Method, prog: Progress, b: int) -> dict[
     if run.protocol == "single":
         # This batch's records, right after its edit; then back to the original model.
         with runner.applied():
-            prog.post[lo:hi] = evaluate_requests(run.model, run.tokenizer, run.reqs[lo:hi], run.reference[lo:hi],
+            prog.post[lo:hi] = _evaluate_records(run.model, run.tokenizer, run.reqs[lo:hi], run.reference[lo:hi],
                                                  run.settings)
             diagnostics = _diagnostics(run, runner, run.reqs[lo:hi]) if run.at_checkpoint(b) else {}
         runner.reset()
@@ -272,7 +282,7 @@ def _evaluate_batch(run: _Run, runner: _Method, prog: Progress, b: int) -> dict[
         return None
     # All edits so far; generation and fluency only for the final values.
     with runner.applied():
-        post = evaluate_requests(run.model, run.tokenizer, run.reqs[:hi], run.reference[:hi], run.settings,
+        post = _evaluate_records(run.model, run.tokenizer, run.reqs[:hi], run.reference[:hi], run.settings,
                                  full=run.last(b))
         diagnostics = _diagnostics(run, runner, run.reqs[:hi])
     if run.last(b):
@@ -285,7 +295,7 @@ def _checkpointed(run: _Run, runner: _Method, prog: Progress, b: int) -> None:
     if run.protocol == "single" or run.at_checkpoint(b):
         prog.batches_done = b + 1
         prog.seconds = time.perf_counter() - run.clock0
-        if run.folder is not None and not run.last(b):
+        if run.folder is not None and not run.last(b) and is_lead():
             if run.protocol == "consecutive":
                 runner.save(run.folder)
             save_progress(run.folder, prog)
@@ -342,12 +352,15 @@ def evaluate(
     The key statistics come from `c0` (per layer) or are loaded/computed from
     `corpus` as the editor would. `checkpoint_every` defaults to about ten
     checkpoints over the run. The model is left as it was given (weights
-    restored, hooks removed), also after an error. `pre_cache` is a file
+    restored, hooks removed), also after an error. Inside a process group
+    (torchrun) every process makes the same edits and evaluates its share of
+    the records; rank 0 alone reads and writes the files. `pre_cache` is a file
     holding the unedited model's evaluation of these records, shared by runs
     of other methods and protocols (it does not depend on them): used when its
     key (records, settings, model) matches, else computed and written there.
     """
     started = time.perf_counter()
+    progress = progress and is_lead()
     hp = hparams or HParams()
     reqs = make_requests(requests)
     size, batches, every = _schedule(method, protocol, hp, batch_size, checkpoint_every, settings, len(reqs))
@@ -362,7 +375,7 @@ def evaluate(
     config = run_config(method, protocol, size, every, reqs, hp, model_fp, provenance, settings)
     folder = Path(out) if out is not None else None
     known = functools.partial(same_model, model=model, current=model_fp)
-    if folder and prepare_folder(folder, config, overwrite, known) == "complete":
+    if folder and from_lead(prepare_folder(folder, config, overwrite, known) if is_lead() else None) == "complete":
         log.info("%s already holds this completed run", folder)
         return completed_summary(folder)
 
@@ -393,8 +406,9 @@ def evaluate(
     records = [record_entry(i, r, size, pre[i], prog.post[i]) for i, r in enumerate(reqs)]
     summary = run_summary(config, len(batches), pre, prog, times, method_info, provenance,
                           str(next(model.parameters()).device), meta)
+    summary["processes"] = (dist_context() or (0, 1))[1]
     if torch.cuda.is_available() and next(model.parameters()).is_cuda:
         summary["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    if folder:
+    if folder and is_lead():
         write_outputs(folder, summary, records)
     return summary

@@ -27,6 +27,7 @@ Metrics (docs/evaluation.md):
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections import Counter
@@ -242,8 +243,9 @@ def generate_tokens(
     deployed (gated hooks keep per-sequence running statistics over the
     tokens seen so far, padding excluded, reset with each new call without a
     cache); linear in the length, for long samples such as fluency's.
-    Sampling uses its own seeded generator (never the global RNG), so results
-    are reproducible for the same prompts and batch size.
+    Sampling uses a generator per prompt, seeded from `seed` and the prompt's
+    text (never the global RNG), so a prompt's sample does not depend on the
+    other prompts, their order or the batch size.
     """
     if isinstance(prompts, str):
         raise TypeError("prompts must be a sequence of strings, not a single string")
@@ -256,17 +258,19 @@ def generate_tokens(
         raise ValueError(f"{len(prompts)} prompts but {len(budgets)} max_new_tokens")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    gen = torch.Generator().manual_seed(seed) if (top_k is not None and seed is not None) else None
+    gens = ([torch.Generator().manual_seed(_prompt_seed(seed, p)) for p in prompts]
+            if (top_k is not None and seed is not None) else None)
     pad_id = _pad_id(tok)
     eos = tok.eos_token_id
     seqs = [_prompt_ids(tok, p) for p in prompts]
 
-    def pick(last: torch.Tensor) -> list[int]:
+    def pick(last: torch.Tensor, rows: Sequence[int]) -> list[int]:
         if top_k is None:
             return last.argmax(-1).tolist()
         probs, idx = torch.softmax(last, -1).topk(min(top_k, last.shape[-1]), dim=-1)
-        choice = torch.multinomial(probs.cpu(), 1, generator=gen)
-        return idx.cpu().gather(1, choice).squeeze(1).tolist()
+        probs, idx = probs.cpu(), idx.cpu()
+        return [int(idx[r, torch.multinomial(probs[r], 1, generator=gens[i] if gens else None)])
+                for r, i in enumerate(rows)]
 
     def stops(t: int) -> bool:
         return stop_at_eos and eos is not None and t == eos
@@ -281,13 +285,17 @@ def generate_tokens(
             rows = active[start : start + batch_size]
             logits = _forward_logits(model, [seqs[i] for i in rows], pad_id)
             last = torch.stack([logits[r, len(seqs[i]) - 1] for r, i in enumerate(rows)]).float()
-            picks = pick(last)
+            picks = pick(last, rows)
             for i, t in zip(rows, picks):
                 seqs[i].append(t)
                 new[i].append(t)
                 if len(new[i]) >= budgets[i] or stops(t):
                     done[i] = True
     return new
+
+
+def _prompt_seed(seed: int, prompt: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{prompt}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 def _generate_cached(model, seqs: list[list[int]], budgets: list[int], pick, stops, pad_id: int,
@@ -312,7 +320,7 @@ def _generate_cached(model, seqs: list[list[int]], budgets: list[int], pick, sto
         following = positions[:, -1:] + 1
         done = [False] * len(rows)
         while True:
-            picks = pick(out.logits[:, -1].float())
+            picks = pick(out.logits[:, -1].float(), rows)
             for r, (i, t) in enumerate(zip(rows, picks)):
                 if not done[r]:
                     new[i].append(t)
