@@ -771,3 +771,20 @@ def test_prompt_with_literal_braces(new_editor, tokenizer):
     editor.edit([request])
     with editor.applied():
         assert _p_first(editor.model, tokenizer, request) > before
+
+
+def test_gate_settings_travel_with_the_saved_state(new_editor, make_tiny, tokenizer, tmp_path):
+    """gate_layer_mean and gate_span_beta change the gate: a loaded state applies exactly the editor's gate."""
+    editor = new_editor("llama", gate_layer_mean=True, gate_span_beta=0.1)
+    editor.edit([R1, R2])
+    editor.save_pretrained(tmp_path / "state", final=True)
+    texts = UNRELATED[:3] + [R1["prompt"], R2["prompt"]]
+    with editor.applied():
+        assert editor.hooks.layer_mean
+        want = {t: _logits(editor.model, tokenizer, t) for t in texts}
+    fresh = make_tiny("llama")
+    edits = load_edits(fresh, tmp_path / "state")
+    assert json.loads((tmp_path / "state" / ADAPTER_CONFIG).read_text())["hparams"]["gate_layer_mean"] is True
+    for t in texts:
+        assert torch.equal(_logits(fresh, tokenizer, t), want[t]), t
+    edits.remove()

@@ -326,7 +326,7 @@ def test_calls_that_bypass_the_top_module_do_not_leak_gate_state(make_tiny, toke
 # --------------------------------------------------------------------------- beam search, caller's caches, threads
 
 
-def _span_hooks(model, tokenizer, deltas) -> HookLayers:
+def _span_hooks(model, tokenizer, deltas, layer_mean: bool = False) -> HookLayers:
     """Span-gated hooks whose span holds a few of PROMPTS' keys and whose α opens about half of their tokens."""
     from comeba.gate import span_gate, span_scores
 
@@ -346,7 +346,7 @@ def _span_hooks(model, tokenizer, deltas) -> HookLayers:
         gate = span_gate(c0, c0 + k[::4].T @ k[::4], 1.0)
         alpha = float(span_scores(k, gate).median())
         states[l] = LayerState(d, alpha, gate)
-    return HookLayers(model, layout, states)
+    return HookLayers(model, layout, states, layer_mean=layer_mean)
 
 
 def test_span_gate_beam_search_with_and_without_cache_agree(arch, tiny_model, tokenizer):
@@ -424,3 +424,25 @@ def test_reference_gate_statistics_follow_a_cache_reorder(arch, tiny_model, toke
         cache = _cache_of(tiny_model(input_ids=torch.cat([b, b]), use_cache=True))
         direct = tiny_model(input_ids=step.repeat(2, 1), use_cache=True, **{kw: cache}).logits
     torch.testing.assert_close(moved, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_mean_gates_on_the_mean_of_the_span_scores_so_far(arch, tiny_model, tokenizer):
+    """gate_layer_mean: layer 2 gates on (h₁ + h₂) / 2 of each token, h from the keys each layer really sees."""
+    from comeba.gate import span_scores
+
+    batch = _batch(tokenizer, PROMPTS)
+    layout = detect_layout(tiny_model)
+    keys = {}
+    with _span_hooks(tiny_model, tokenizer, _deltas(scale=0.5), layer_mean=True) as hooks, torch.no_grad():
+        handles = [tiny_model.get_submodule(layout.mlp_out_name(l)).register_forward_pre_hook(
+            lambda m, a, l=l: keys.__setitem__(l, a[0])) for l in LAYERS]
+        hooks.record()
+        tiny_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        for h in handles:
+            h.remove()
+        mask = batch.attention_mask.bool()
+        h = {l: torch.where(mask, span_scores(keys[l], hooks._span[l]), torch.nan) for l in LAYERS}
+        torch.testing.assert_close(hooks.records[1].scores, h[1], equal_nan=True)
+        torch.testing.assert_close(hooks.records[2].scores, (h[1] + h[2]) / 2, equal_nan=True)
+        assert torch.equal(hooks.records[2].gate, (hooks.records[2].scores >= hooks.weights[2].alpha)
+                           & mask)

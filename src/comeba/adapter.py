@@ -173,7 +173,7 @@ def _finite(directory: Path, what: str, layer: int, t: torch.Tensor | None) -> N
 
 
 # Settings that states saved before them were made with (so that such a state goes on as it was made).
-EARLIER_DEFAULTS = {"gate_span_beta": 1.0}
+EARLIER_DEFAULTS = {"gate_span_beta": 1.0, "gate_layer_mean": False}
 
 
 def _read_v2(directory: Path, config: dict[str, Any], editing: bool) -> SavedState:
@@ -287,7 +287,8 @@ class AppliedEdits:
         if self._removed:
             raise RuntimeError("these edits were removed from the model; load them again with comeba.load_edits")
         if self._hooks is None:
-            self._hooks = HookLayers(self.model, self._layout, self.layers)
+            self._hooks = HookLayers(self.model, self._layout, self.layers,
+                                     layer_mean=bool(self.config["hparams"].get("gate_layer_mean", False)))
 
     def disable(self) -> None:
         """Make the model answer as the base model again (the edits stay loaded)."""

@@ -151,7 +151,7 @@ class Editor:
     def attach(self) -> "Editor":
         """Make the model answer as edited (validated hooks); the weights stay untouched."""
         self.detach()
-        self._hooks = HookLayers(self.model, self.layout, self.layers)
+        self._hooks = HookLayers(self.model, self.layout, self.layers, layer_mean=self.hparams.gate_layer_mean)
         return self
 
     def detach(self) -> None:
@@ -200,7 +200,8 @@ class Editor:
         self.detach()
         new = {l: s.copy() for l, s in self.layers.items()}
         try:
-            with HookLayers(self.model, self.layout, self.layers, check_cache=False) as hooks:
+            with HookLayers(self.model, self.layout, self.layers, check_cache=False,
+                            layer_mean=hp.gate_layer_mean) as hooks:
                 # 1. target values with the validated hooks (the model as edited so far)
                 z = target_values(self.model, self.tokenizer, self.layout, batch, hp, self.templates, progress=self.progress)
                 bad = (~torch.isfinite(z).all(dim=1)).nonzero().flatten().tolist()

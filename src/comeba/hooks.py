@@ -54,6 +54,8 @@ class _CallState:
     mask: torch.Tensor | None = None
     running: dict[int, RunningStats] = field(default_factory=dict)
     seen: int = 0
+    span_sum: torch.Tensor | None = None  # the span scores of this call's tokens at the layers run so far
+    span_count: int = 0
 
 
 @dataclass
@@ -72,13 +74,16 @@ class HookLayers:
     switches a layer between temporary (ungated) and validated (gated) or changes ΔW.
     `check_cache=False` lets the reference gate continue a KV cache it did not
     fill, with the statistics it has (the editor's value optimisation runs
-    suffixes on a cropped prefix cache).
+    suffixes on a cropped prefix cache). `layer_mean=True` gates each span
+    layer on the mean of the token's span scores at the gated span layers run
+    so far in the call (`gate_layer_mean`).
     """
 
     def __init__(self, model: torch.nn.Module, layout: Layout, layers: dict[int, LayerState] | None = None,
-                 gated: bool = True, check_cache: bool = True):
+                 gated: bool = True, check_cache: bool = True, layer_mean: bool = False):
         self.model = model
         self.check_cache = check_cache
+        self.layer_mean = layer_mean
         self.layout = layout
         self.weights: dict[int, LayerState] = {}
         self.gated: dict[int, bool] = {}
@@ -192,6 +197,7 @@ class HookLayers:
         else:
             self._state.mask = None
         state = self._state
+        state.span_sum, state.span_count = None, 0
         if past == 0 or any(r.n.shape[0] != batch for r in state.running.values()):
             state.running, state.seen = {}, 0
         if self.check_cache and past != state.seen and any(self.gated[l] and l not in self._span for l in self.weights):
@@ -220,6 +226,17 @@ class HookLayers:
         cache._comeba_hooks = self
         cache.reorder_cache = types.MethodType(_reorder_following_hooks, cache)
 
+    def _mean_over_layers(self, z: torch.Tensor) -> torch.Tensor:
+        """The mean of this token's span scores at the gated span layers run so far in this call, this one
+        included: an edited subject scores high at every layer, general text rarely at all of them."""
+        state = self._state
+        if state.span_sum is not None and tuple(state.span_sum.shape) == tuple(z.shape):
+            total = state.span_sum.to(z.device) + z
+        else:
+            total, state.span_count = z, 0
+        state.span_sum, state.span_count = total, state.span_count + 1
+        return total / state.span_count
+
     def __deepcopy__(self, memo) -> "HookLayers":
         """Hooks belong to one model: a copy of something that refers to them (a cache) refers to the same."""
         return self
@@ -242,6 +259,8 @@ class HookLayers:
             if flat:
                 z = z[None]
             z = torch.where(mask, z, torch.full_like(z, math.nan))
+            if self.layer_mean:
+                z = self._mean_over_layers(z)
             alpha = weights.alpha
             if alpha is None:  # calibration pass: α from this call's own scores
                 if self._rule is None:

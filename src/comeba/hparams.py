@@ -88,6 +88,10 @@ class HParams:
         1.0,
         "span gate: β in H = S (βI + S)⁻¹, how much whitened edit energy a direction needs to count as edited "
         "(smaller: weaker directions count too)")
+    gate_layer_mean: bool = _setting(
+        False,
+        "span gate: gate each layer on the mean of the token's span scores at the edited layers up to it (an "
+        "edited subject scores high at all of them, other text rarely does)")
     gate_calibration_tokens: int = _setting(
         4096,
         "span gate: tokens of held-back general text (from the statistics corpus, after the tokens C0 used) that "
