@@ -306,3 +306,10 @@ def test_taken():
 def test_python_dash_m():
     out = subprocess.run([sys.executable, "-m", "comeba", "--version"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("comeba ")
+
+
+def test_first_token_subject_is_warned_about(files, model_dir, capsys):
+    files["edits"].write_text(json.dumps([{"prompt": "The is a word", "subject": "The", "target_new": "Paris"}]))
+    assert main(_edit(files, model_dir, "edits", "--hparams", str(files["hparams"]))) == 0
+    err = capsys.readouterr().err
+    assert "comeba: warning: request 0: the subject 'The' is the first token of 'The is a word'" in err

@@ -788,3 +788,14 @@ def test_gate_settings_travel_with_the_saved_state(new_editor, make_tiny, tokeni
     for t in texts:
         assert torch.equal(_logits(fresh, tokenizer, t), want[t]), t
     edits.remove()
+
+
+def test_first_token_subject_is_warned_about_before_editing(new_editor, tokenizer):
+    editor = new_editor("llama")
+    first = {"prompt": "The is a word", "subject": "The", "target_new": "Paris"}
+    assert tokenizer(first["prompt"]).input_ids[0] == tokenizer("The").input_ids[-1]  # no start token, one token
+    warnings = editor.edit_warnings([R1, first])
+    assert len(warnings) == 1 and warnings[0].startswith("request 1: the subject 'The' is the first token")
+    info = editor.edit([R1, first])
+    assert info["warnings"] == warnings
+    assert editor.edit_warnings([R1, R2]) == []

@@ -130,6 +130,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
         row.before = text
 
     # 4. Write the batches; the state on disk changes only after all of them succeeded.
+    for warning in editor.edit_warnings(requests):
+        print(f"comeba: warning: {warning}", file=sys.stderr)
     _say(args, f"writing {len(requests)} edits in {n_batches} consecutive batch(es) of up to {size} "
                f"(layers {list(hp.layers)}, λ {hp.mom2_update_weight:g})...")
     start = time.perf_counter()

@@ -27,7 +27,7 @@ from .models import Layout, detect_layout, fingerprint, mlp_out_device, mlp_out_
 from .requests import Request, RequestError, make_requests
 from .stats import load_or_compute_stats
 from .corpus import Corpus, calibration_sample, default_corpus, samples_corpus
-from .text import encode_prompt, encode_target, model_device
+from .text import encode_prompt, encode_target, model_device, subject_last_index
 from .values import target_values
 
 log = logging.getLogger(__name__)
@@ -186,6 +186,21 @@ class Editor:
             return greedy_generate(self.model, self.tokenizer, prompts, max_new_tokens)
 
     # ------------------------------------------------------------------ editing
+    def edit_warnings(self, requests: Iterable[Mapping[str, Any] | Request]) -> list[str]:
+        """What may keep a valid request from taking, said before editing (`edit` logs and returns them too).
+
+        A subject that is the first token of its prompt, with no start token before it (the embedded
+        model's tokenizer adds none): the key at position 0 depends on that token alone, unlike the
+        subject's key in any other context, so the hook neither fits it nor opens on it.
+        """
+        out = []
+        for i, r in enumerate(make_requests(requests)):
+            if subject_last_index(self.tokenizer, r.prompt, r.subject) == 0:
+                out.append(f"request {i}: the subject {r.subject!r} is the first token of {r.text!r} and this "
+                           "tokenizer puts no start token before it, so the edit will probably not take on that "
+                           f"exact prompt; put a word before the subject (e.g. \"The {r.subject} ...\")")
+        return out
+
     def edit(self, requests: Iterable[Mapping[str, Any] | Request]) -> dict[str, Any]:
         """One consecutive step: write a batch of facts on top of everything written so far.
 
@@ -194,6 +209,9 @@ class Editor:
         """
         batch = make_requests(requests)
         self._check_lengths(batch)
+        warnings = self.edit_warnings(batch)
+        for w in warnings:
+            log.warning(w)
         start = time.perf_counter()
         hp = self.hparams
         was_attached = self.attached
@@ -254,7 +272,7 @@ class Editor:
             self.attach()
         seconds = time.perf_counter() - start
         info = {"batch": self.n_batches, "n": len(batch), "seconds": seconds,
-                "alpha": {l: s.alpha for l, s in self.layers.items()}}
+                "alpha": {l: s.alpha for l, s in self.layers.items()}, "warnings": warnings}
         log.info("batch %d: %d edits in %.1f s, alpha %s", self.n_batches, len(batch), seconds, info["alpha"])
         return info
 

@@ -186,10 +186,13 @@ def calibrate_span(hooks: "HookLayers", model, tokenizer, layout: Layout, calibr
                    batch: Sequence["Request"], false_open: float, false_open_max: float,
                    subject_share: float = 0.0) -> dict[int, float]:
     """The span gate's α per layer: one pass over the held-back general text and the batch's bare prompts,
-    with the hooks as they are at inference (`span_threshold` is the rule)."""
+    with the hooks as they are at inference (`span_threshold` is the rule).
+
+    A subject that is its prompt's first token (no start token before it) does not count: its key there
+    carries no context and scores like general text, and would drag α down for the whole batch."""
     prompts = [encode_prompt(tokenizer, r.text) for r in batch]
-    subjects = [(len(calibration) + i, subject_last_index(tokenizer, r.prompt, r.subject))
-                for i, r in enumerate(batch)]
+    subjects = [(len(calibration) + i, j) for i, r in enumerate(batch)
+                for j in [subject_last_index(tokenizer, r.prompt, r.subject)] if j > 0]
     ids, mask = pad_batch(list(calibration) + prompts, tokenizer.pad_token_id, model_device(model))
     last = layout.mlp_out_name(max(hooks.weights))
 
