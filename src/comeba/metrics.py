@@ -86,7 +86,7 @@ def _prompt_ids(tok, prompt: str) -> list[int]:
     return ids
 
 
-def _check_lengths(prompts: Sequence[str], targets: Sequence[str]) -> None:
+def _check_pairs(prompts: Sequence[str], targets: Sequence[str]) -> None:
     if isinstance(prompts, str) or isinstance(targets, str):
         raise TypeError("prompts and targets must be sequences of strings, not a single string")
     if len(prompts) != len(targets):
@@ -101,7 +101,7 @@ def _teacher_forced(
     The input is prompt + the full target; position ``len(prompt) - 1 + j``
     predicts target token j given the gold tokens before it.
     """
-    _check_lengths(prompts, targets)
+    _check_pairs(prompts, targets)
     pad_id = _pad_id(tok)
     pairs = [
         (_prompt_ids(tok, p), encode_target(tok, continuation(t))) for p, t in zip(prompts, targets)
@@ -178,8 +178,8 @@ def target_nll(
 
 
 def _nll_pairs(model, tok, prompts, targets_new, targets_true, batch_size):
-    _check_lengths(prompts, targets_new)
-    _check_lengths(prompts, targets_true)
+    _check_pairs(prompts, targets_new)
+    _check_pairs(prompts, targets_true)
     # One pass over both targets so both see the same batches (hooks are per call anyway).
     nll = target_nll(
         model, tok, list(prompts) + list(prompts), list(targets_new) + list(targets_true),
@@ -366,7 +366,7 @@ def exact_match_generation(
     use_cache: bool = False,
 ) -> list[bool]:
     """Greedy generation (no teacher forcing) of len(target) tokens equals the target tokens."""
-    _check_lengths(prompts, targets)
+    _check_pairs(prompts, targets)
     wanted = [encode_target(tok, continuation(t)) for t in targets]
     got = generate_tokens(
         model, tok, prompts, [len(w) for w in wanted], top_k=None, batch_size=batch_size,
