@@ -63,22 +63,19 @@ class Editor:
         )
         calibration = (calibration_sample(model, tokenizer, corpus, hp.gate_calibration_tokens, hp.mom2_n_tokens)
                        if hp.gate == "span" else None)
-        fresh = type(self).from_statistics(model, tokenizer, hp, c0, stats_provenance=provenance, model_fingerprint=fp,
-                                           calibration=calibration, progress=progress)
-        self.__dict__.update(fresh.__dict__)
+        self._setup(model, tokenizer, hp, layout, _fresh_layers(model, layout, hp, c0),
+                    context_templates(model, tokenizer, hp), model_fingerprint=fp, stats_provenance=provenance,
+                    calibration=calibration, progress=progress)
 
-    @classmethod
-    def _assemble(cls, model, tokenizer, hparams: HParams, layers: Mapping[int, LayerState], templates: Sequence[str],
-                  *, model_fingerprint: str, stats_provenance: Mapping[str, Any] | None = None, n_batches: int = 0,
-                  n_edits: int = 0, calibration: Sequence[Sequence[int]] | None = None,
-                  progress: bool = True) -> "Editor":
-        """An editor from its parts (what creation and loading share)."""
-        self = cls.__new__(cls)
+    def _setup(self, model, tokenizer, hparams: HParams, layout: Layout, layers: Mapping[int, LayerState],
+               templates: Sequence[str], *, model_fingerprint: str, stats_provenance: Mapping[str, Any] | None = None,
+               n_batches: int = 0, n_edits: int = 0, calibration: Sequence[Sequence[int]] | None = None,
+               progress: bool = True) -> None:
+        """An editor from its parts (what creation and loading share); the caller checked the model's layers."""
         self.model = model
         self.tokenizer = tokenizer
         self.hparams = hparams
-        self.layout: Layout = detect_layout(model)
-        hparams.check_model(num_layers(model, self.layout))
+        self.layout: Layout = layout
         self.layers: dict[int, LayerState] = dict(layers)
         self.templates = list(templates)
         self.model_fingerprint = model_fingerprint
@@ -96,7 +93,6 @@ class Editor:
                 if st.span is None:
                     st.span = span_gate(st.c0, st.c_accu, hparams.mom2_update_weight, hparams.gate_span_beta)
         self._hooks = None
-        return self
 
     @classmethod
     def from_statistics(
@@ -123,29 +119,15 @@ class Editor:
         hp = hparams
         layout = detect_layout(model)
         hp.check_model(num_layers(model, layout))
-        fp = model_fingerprint or fingerprint(model)
-        layers = {}
-        for layer in hp.layers:
-            w0 = mlp_out_weight(model, layout, layer)
-            # Each layer's state lives where its projection computes (its layer's device in a dispatched model;
-            # never the meta device of an offloaded weight).
-            device = mlp_out_device(model, layout, layer)
-            # The span gate keeps C0 in the statistics' own precision, and C_accu starts from that very
-            # C0, so that C_accu − λC0 is exactly Σ K Kᵀ.
-            base = c0[layer].to(device=device, dtype=getattr(torch, hp.mom2_dtype)) if hp.gate == "span" else None
-            layers[layer] = LayerState(
-                delta=torch.zeros(w0.shape, dtype=torch.float32, device=device),
-                alpha=float(hp.gate_alpha0 if hp.gate == "span" else hp.alpha),
-                c_accu=hp.mom2_update_weight * (base if base is not None else c0[layer]).to(device, torch.float64),
-                c0=base,
-            )
         templates = list(templates) if templates is not None else context_templates(model, tokenizer, hp)
         if hp.gate == "span" and not calibration:
             log.info("gate calibration text: sampled from the model (no statistics corpus given)")
             calibration = calibration_sample(model, tokenizer, samples_corpus(hp.seed), hp.gate_calibration_tokens, 0)
-        return cls._assemble(model, tokenizer, hp, layers, templates, model_fingerprint=fp,
-                             stats_provenance=stats_provenance, calibration=calibration if hp.gate == "span" else None,
-                             progress=progress)
+        self = cls.__new__(cls)
+        self._setup(model, tokenizer, hp, layout, _fresh_layers(model, layout, hp, c0), templates,
+                    model_fingerprint=model_fingerprint or fingerprint(model), stats_provenance=stats_provenance,
+                    calibration=calibration if hp.gate == "span" else None, progress=progress)
+        return self
 
     # ------------------------------------------------------------------ applying the edits
     def attach(self) -> "Editor":
@@ -335,6 +317,7 @@ class Editor:
         fp = check_base_model(saved, model, directory)
         hp = HParams.from_dict(saved.config["hparams"])
         layout = detect_layout(model)
+        hp.check_model(num_layers(model, layout))
         layers = {}
         for l, st in saved.layers.items():
             device = mlp_out_device(model, layout, l)
@@ -345,9 +328,30 @@ class Editor:
                                    st.c_accu.to(device, torch.float64), st.c0.to(device) if st.c0 is not None else None)
         if hp.gate == "span" and not saved.calibration:
             raise StateError(f"editor state in {directory} lacks the span gate's calibration text")
-        return cls._assemble(model, tokenizer, hp, layers, saved.editing["context_templates"], model_fingerprint=fp,
-                             stats_provenance=saved.editing.get("statistics"), n_batches=int(saved.config["n_batches"]),
-                             n_edits=int(saved.config["n_edits"]), calibration=saved.calibration, progress=progress)
+        self = cls.__new__(cls)
+        self._setup(model, tokenizer, hp, layout, layers, saved.editing["context_templates"], model_fingerprint=fp,
+                    stats_provenance=saved.editing.get("statistics"), n_batches=int(saved.config["n_batches"]),
+                    n_edits=int(saved.config["n_edits"]), calibration=saved.calibration, progress=progress)
+        return self
+
+
+def _fresh_layers(model, layout: Layout, hp: HParams, c0: Mapping[int, torch.Tensor]) -> dict[int, LayerState]:
+    """The hook layers before any edit: ΔW = 0, C_accu = λ·C0, each where its projection computes (its layer's
+    device in a dispatched model; never the meta device of an offloaded weight)."""
+    layers = {}
+    for layer in hp.layers:
+        w0 = mlp_out_weight(model, layout, layer)
+        device = mlp_out_device(model, layout, layer)
+        # The span gate keeps C0 in the statistics' own precision, and C_accu starts from that very
+        # C0, so that C_accu − λC0 is exactly Σ K Kᵀ.
+        base = c0[layer].to(device=device, dtype=getattr(torch, hp.mom2_dtype)) if hp.gate == "span" else None
+        layers[layer] = LayerState(
+            delta=torch.zeros(w0.shape, dtype=torch.float32, device=device),
+            alpha=float(hp.gate_alpha0 if hp.gate == "span" else hp.alpha),
+            c_accu=hp.mom2_update_weight * (base if base is not None else c0[layer]).to(device, torch.float64),
+            c0=base,
+        )
+    return layers
 
 
 @torch.no_grad()
