@@ -36,27 +36,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from comeba.compute import context_templates, subject_keys  # noqa: E402
-from comeba.corpus import text_corpus  # noqa: E402
-from comeba.data import load_counterfact  # noqa: E402
-from comeba.hparams import HParams  # noqa: E402
-from comeba.models import detect_layout, fingerprint, load_model  # noqa: E402
-from comeba.stats import load_or_compute_stats  # noqa: E402
+from comeba.compute import subject_keys  # noqa: E402
 from comeba.text import encode_prompt, subject_last_index  # noqa: E402
-from gate_probe import DATA, paragraphs, token_keys  # noqa: E402
+from gate_probe import DATA, paragraphs, setup, token_keys  # noqa: E402
 
 
 def collect(n_max: int, threads: int) -> dict:
     """Every key the probe scores, per layer, on the unedited model (float32 to keep the cache small)."""
     torch.set_num_threads(threads)
-    hp = HParams()
-    model, tok = load_model("embedded")
-    layout = detect_layout(model)
-    corpus = text_corpus([DATA / "wikitext-2" / "valid.txt"])
-    c0, _ = load_or_compute_stats(model, tok, layout, hp.layers, corpus, hp.mom2_n_tokens, model_fp=fingerprint(model))
-    templates = context_templates(model, tok, hp)
-    reqs = load_counterfact(DATA / "counterfact" / "counterfact-scale.json", n=n_max + 200).requests
-    edited, others = reqs[:n_max], reqs[n_max:n_max + 200]
+    hp, model, tok, layout, c0, templates, edited, others = setup(n_max)
     t0 = time.perf_counter()
     K = {l: subject_keys(model, tok, layout, l, edited, templates).float() for l in hp.layers}
     print(f"subject keys of {len(edited)} records in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -63,6 +63,19 @@ def token_keys(model, tok, layout, layers, seqs: list[list[int]], chunk: int = 3
     return out
 
 
+def setup(n_max: int):
+    """Defaults, the embedded model, its WikiText-2 C0 and templates; scale records 0..n_max-1 (edited) and the
+    next 200 (unedited subjects)."""
+    hp = HParams()
+    model, tok = load_model("embedded")
+    layout = detect_layout(model)
+    corpus = text_corpus([DATA / "wikitext-2" / "valid.txt"])
+    c0, _ = load_or_compute_stats(model, tok, layout, hp.layers, corpus, hp.mom2_n_tokens, model_fp=fingerprint(model))
+    templates = context_templates(model, tok, hp)
+    reqs = load_counterfact(DATA / "counterfact" / "counterfact-scale.json", n=n_max + 200).requests
+    return hp, model, tok, layout, c0, templates, reqs[:n_max], reqs[n_max : n_max + 200]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[20, 200, 1000, 2000])
@@ -71,15 +84,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    hp = HParams()
-    model, tok = load_model("embedded")
-    layout = detect_layout(model)
-    corpus = text_corpus([DATA / "wikitext-2" / "valid.txt"])
-    c0, _ = load_or_compute_stats(model, tok, layout, hp.layers, corpus, hp.mom2_n_tokens, model_fp=fingerprint(model))
-    templates = context_templates(model, tok, hp)
     n_max = max(args.sizes)
-    reqs = load_counterfact(DATA / "counterfact" / "counterfact-scale.json", n=n_max + 200).requests
-    edited, others = reqs[:n_max], reqs[n_max : n_max + 200]
+    hp, model, tok, layout, c0, templates, edited, others = setup(n_max)
     t0 = time.perf_counter()
     K = {l: subject_keys(model, tok, layout, l, edited, templates) for l in hp.layers}
     print(f"subject keys of {len(edited)} records in {time.perf_counter() - t0:.0f} s", flush=True)
