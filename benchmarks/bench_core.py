@@ -91,9 +91,10 @@ def peak_rss_mb() -> float:
 @torch.no_grad()
 def generate_pass(model, tokenizer, prompts, n_tokens: int) -> tuple[float, int, list[str]]:
     """Greedy generation of exactly n_tokens per prompt, one prompt at a time: (seconds, tokens, texts)."""
-    from comeba.text import encode_prompt, model_device
+    from comeba.models import input_device
+    from comeba.text import encode_prompt
 
-    device = model_device(model)
+    device = input_device(model)
     texts, tokens = [], 0
     start = time.perf_counter()
     for prompt in prompts:

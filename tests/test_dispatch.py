@@ -289,3 +289,31 @@ def test_cli_device_map(model_dir, tmp_path, monkeypatch, capsys):
     assert "not both" in capsys.readouterr().err
     assert main(["generate", "--model", str(model_dir), "--device-map", str(tmp_path / "nope.json"), "Hi"]) == 2
     assert "device map" in capsys.readouterr().err
+
+
+def test_offloaded_input_embeddings(make_tiny, tokenizer, corpus_file, tmp_path, monkeypatch):
+    """Even the input embeddings offloaded (their weight on the meta device): statistics, editing, calibration,
+    diagnostics and generation feed their ids to accelerate's execution device and match the plain model."""
+    from accelerate import dispatch_model
+
+    from comeba.diagnostics import TextSample, text_pass
+
+    monkeypatch.setenv("COMEBA_HOME", str(tmp_path / "home"))
+    hp, corpus = HParams(**HP), text_corpus([corpus_file])
+    plain = Editor(make_tiny("llama", seed=0), tokenizer, hp, corpus=corpus, progress=False)
+    model = make_tiny("llama", seed=0)
+    model = dispatch_model(model, device_map={**DEVICE_MAP, "model.embed_tokens": "disk"},
+                           offload_dir=str(tmp_path / "offload"), skip_keys=model._skip_keys_device_placement)
+    assert get_module(model, "model.embed_tokens").weight.device.type == "meta"
+    monkeypatch.setenv("COMEBA_HOME", str(tmp_path / "home-dispatched"))
+    dispatched = Editor(model, tokenizer, hp, corpus=corpus, progress=False)
+    plain.edit([R1])
+    dispatched.edit([R1])
+    for l, s in plain.layers.items():
+        torch.testing.assert_close(dispatched.layers[l].delta, s.delta, rtol=1e-4, atol=1e-6)
+    assert dispatched.generate([R1["prompt"]], 3) == plain.generate([R1["prompt"]], 3)
+    sample = TextSample(tuple(tuple(tokenizer(t).input_ids) for t in UNRELATED[:3]), "three texts")
+    with plain.applied(), dispatched.applied():
+        want, got = text_pass(plain.model, tokenizer, sample, plain.hooks), text_pass(model, tokenizer, sample,
+                                                                                     dispatched.hooks)
+    assert got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-4)

@@ -17,7 +17,7 @@ from comeba.hooks import LayerState
 from comeba.hparams import HParams
 from comeba.models import weights_checksum
 from comeba.requests import RequestError
-from comeba.text import model_device
+from comeba.models import input_device
 from comeba.corpus import text_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread", "shared_comeba_home")
@@ -74,7 +74,7 @@ def _ids(tokenizer, text):
 def _p_first(model, tokenizer, request) -> float:
     """P(first token of ' target' | prompt), on the model's device."""
     first = tokenizer(" " + request["target_new"], add_special_tokens=False).input_ids[0]
-    logits = model(input_ids=_ids(tokenizer, request["prompt"]).to(model_device(model))).logits[0, -1]
+    logits = model(input_ids=_ids(tokenizer, request["prompt"]).to(input_device(model))).logits[0, -1]
     return torch.softmax(logits.float(), -1)[first].item()
 
 

@@ -13,7 +13,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .text import encode_prompt, model_device
+from .models import input_device
+from .text import encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ def _sampled_batches(model, tokenizer, seed: int, batch: int, length: int, start
 
     Batch i depends on i alone: `start`/`step` give the batches start, start + step, ...
     """
-    device = model_device(model)
+    device = input_device(model)
     round_ = start
     while True:
         starts = [SAMPLE_SEEDS[(round_ * batch + i) % len(SAMPLE_SEEDS)] for i in range(batch)]

@@ -22,9 +22,10 @@ from typing import Sequence
 import torch
 
 from .hooks import HookLayers
+from .models import input_device
 from .requests import Request, RequestError, make_template
 from .corpus import paragraphs_from_files
-from .text import encode_prompt, model_device, pad_batch, subject_last_index
+from .text import encode_prompt, pad_batch, subject_last_index
 
 MIN_PARAGRAPH_CHARS = 200
 
@@ -62,7 +63,7 @@ def general_text_sample(tokenizer, path: str | Path, n_sequences: int = 100, seq
 def text_pass(model, tokenizer, sample: TextSample, hooks: HookLayers | None = None,
               batch_size: int = 16) -> dict[str, object]:
     """Perplexity of `sample` under the model as it runs, and (with `hooks`) each gate's open rate in percent."""
-    device = model_device(model)
+    device = input_device(model)
     nll, count, opened, valid_total = 0.0, 0, {}, 0
     if hooks is not None:
         hooks.record(True)
@@ -106,7 +107,7 @@ def _subject_items(tokenizer, requests: Sequence[Request]) -> tuple[list[tuple[s
 def subject_open_rates(model, tokenizer, hooks: HookLayers, requests: Sequence[Request],
                        batch_size: int = 32) -> dict[str, dict[int, float]]:
     """Per layer, the share (percent) of edited subjects' last tokens where the gate opens: edit prompts, rephrasings."""
-    device = model_device(model)
+    device = input_device(model)
     out: dict[str, dict[int, float]] = {}
     for kind, items in zip(("edit", "rephrase"), _subject_items(tokenizer, requests)):
         if not items:

@@ -23,11 +23,12 @@ from .compute import accumulate_keys, context_templates, fill_template, solve_up
 from .gate import adapt_alpha, batch_gate_maxima, calibrate_span, span_gate
 from .hooks import HookLayers, LayerState
 from .hparams import HParams
-from .models import Layout, detect_layout, fingerprint, mlp_out_device, mlp_out_weight, num_layers
+from .models import (Layout, detect_layout, fingerprint, input_device, mlp_out_device, mlp_out_weight,
+                     num_layers)
 from .requests import Request, RequestError, make_requests
 from .stats import load_or_compute_stats
 from .corpus import Corpus, calibration_sample, default_corpus, samples_corpus
-from .text import encode_prompt, encode_target, model_device, subject_last_index
+from .text import encode_prompt, encode_target, subject_last_index
 from .values import target_values
 
 log = logging.getLogger(__name__)
@@ -357,7 +358,7 @@ def _fresh_layers(model, layout: Layout, hp: HParams, c0: Mapping[int, torch.Ten
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 20) -> list[str]:
     """Greedy continuations, one prompt at a time (no padding to perturb the gate)."""
-    device = model_device(model)
+    device = input_device(model)
     out = []
     for prompt in prompts:
         ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=device)

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .models import Layout
-from .text import encode_prompt, model_device, pad_batch, subject_last_index
+from .models import Layout, input_device
+from .text import encode_prompt, pad_batch, subject_last_index
 from .trace import trace
 
 if TYPE_CHECKING:  # the hooks call the gate; calibration drives the hooks
@@ -193,7 +193,7 @@ def calibrate_span(hooks: "HookLayers", model, tokenizer, layout: Layout, calibr
     prompts = [encode_prompt(tokenizer, r.text) for r in batch]
     subjects = [(len(calibration) + i, j) for i, r in enumerate(batch)
                 for j in [subject_last_index(tokenizer, r.prompt, r.subject)] if j > 0]
-    ids, mask = pad_batch(list(calibration) + prompts, tokenizer.pad_token_id, model_device(model))
+    ids, mask = pad_batch(list(calibration) + prompts, tokenizer.pad_token_id, input_device(model))
     last = layout.mlp_out_name(max(hooks.weights))
 
     def run() -> None:
@@ -208,7 +208,7 @@ def calibrate_span(hooks: "HookLayers", model, tokenizer, layout: Layout, calibr
 def batch_gate_maxima(model, tokenizer, layout: Layout, prompts: Sequence[str],
                       deltas: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
     """Reference gate: per layer, each prompt's largest z-score under ΔW, keys from the model as it runs (no hooks)."""
-    device = model_device(model)
+    device = input_device(model)
     ids, mask = pad_batch([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id, device)
     names = {l: layout.mlp_out_name(l) for l in deltas}
     last = names[max(deltas)]

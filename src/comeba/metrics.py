@@ -35,8 +35,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from comeba.models import cache_kwarg
-from comeba.text import encode_prompt, encode_target, model_device, pad_batch
+from comeba.models import cache_kwarg, input_device
+from comeba.text import encode_prompt, encode_target, pad_batch
 
 __all__ = [
     "continuation",
@@ -74,7 +74,7 @@ def _pad_id(tok) -> int:
 
 def _forward_logits(model, sequences: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
     """Logits [B, L, V] of one right-padded batch, one self-contained call with its mask."""
-    ids, mask = pad_batch(sequences, pad_id, model_device(model))
+    ids, mask = pad_batch(sequences, pad_id, input_device(model))
     out = model(input_ids=ids, attention_mask=mask, use_cache=False)
     return out.logits if hasattr(out, "logits") else out[0]
 
@@ -302,7 +302,7 @@ def _generate_cached(model, seqs: list[list[int]], budgets: list[int], pick, sto
                      batch_size: int) -> list[list[int]]:
     """Batches of left-padded prompts (explicit positions, so padding changes nothing), one new
     token per call after the prompt, reusing the KV cache; a row that is done is fed on but ignored."""
-    device = model_device(model)
+    device = input_device(model)
     kw = cache_kwarg(model)
     new: list[list[int]] = [[] for _ in seqs]
     todo = [i for i, b in enumerate(budgets) if b > 0]

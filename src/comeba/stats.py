@@ -31,8 +31,8 @@ from .corpus import Corpus, token_batches
 from .distributed import all_reduce, broadcast_object, comm_device, dist_context
 from .files import atomic_save_tensors, atomic_write_text
 from .embedded import comeba_home
-from .models import Layout, fingerprint, legacy_fingerprint
-from .text import model_device, pad_batch
+from .models import Layout, fingerprint, input_device, legacy_fingerprint
+from .text import pad_batch
 from .trace import trace
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 def _accumulate(model, tokenizer, layers: Sequence[int], names: Sequence[str], seqs, sums: dict[int, torch.Tensor]) -> int:
     """Add Σ k kᵀ of one batch's non-padding tokens to `sums` (float64); returns their number."""
-    device = model_device(model)
+    device = input_device(model)
     ids, mask = pad_batch(seqs, tokenizer.pad_token_id, device)
     with trace(model, names, inputs=True, stop_after=names[-1]) as rec:
         model(input_ids=ids, attention_mask=mask)
@@ -111,7 +111,7 @@ def _distributed_moments(model, tokenizer, layers, names, corpus: Corpus, n_toke
     budget) and runs its own only if so: the token set is the single
     process's exactly.
     """
-    device = model_device(model)
+    device = input_device(model)
     sums: dict[int, torch.Tensor] = {}
     count = 0
     bar = tqdm(total=n_tokens, desc=f"key statistics ({corpus.kind}, {world} processes)", unit="tok",
@@ -309,7 +309,7 @@ def _distributed_load_or_compute(model, tokenizer, layout: Layout, layers: Seque
             else:
                 lacking.append(layer)
     # 4. Ranks that can see neither (another node, cached there only) get the matrices from rank 0.
-    device = model_device(model)
+    device = input_device(model)
     flag = all_reduce(torch.tensor([len(lacking)], dtype=torch.int64, device=device),
                        torch.distributed.ReduceOp.MAX)
     if int(flag.item()):

@@ -65,7 +65,3 @@ def subject_last_index(tokenizer, template: str, subject: str) -> int:
     # The template escapes literal braces as {{ }}; the prefix is plain text.
     prefix = template[: template.index("{}")].replace("{{", "{").replace("}}", "}")
     return len(encode_prompt(tokenizer, prefix + subject)) - 1
-
-
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
