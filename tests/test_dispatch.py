@@ -317,3 +317,14 @@ def test_offloaded_input_embeddings(make_tiny, tokenizer, corpus_file, tmp_path,
         want, got = text_pass(plain.model, tokenizer, sample, plain.hooks), text_pass(model, tokenizer, sample,
                                                                                      dispatched.hooks)
     assert got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-4)
+
+
+def test_weight_editing_baselines_refuse_offloaded_layers(make_tiny, tokenizer, corpus_file, tmp_path):
+    """seq-memit and AlphaEdit write into W_0: with an edited layer offloaded that cannot work, so they say so."""
+    from comeba.baselines import make_baseline
+
+    model = _dispatch(make_tiny("llama", seed=0), tmp_path / "offload")  # layer 1 on disk, layer 2 on the CPU
+    c0 = {l: torch.eye(128, dtype=torch.float64) for l in (1, 2)}
+    for method in ("seq-memit", "alphaedit"):
+        with pytest.raises(ValueError, match=r"layer\(s\) \[1\] are offloaded"):
+            make_baseline(method, model, tokenizer, HParams(**HP), c0)

@@ -50,6 +50,11 @@ class WeightEditor:
         self.hparams = hparams
         self.layout = detect_layout(model)
         hparams.check_model(num_layers(model, self.layout))
+        offloaded = [l for l in hparams.layers if mlp_out_weight(model, self.layout, l).device.type == "meta"]
+        if offloaded:
+            raise ValueError(f"the weight-editing baselines write into the model's weights, but the MLP output "
+                             f"weights of layer(s) {offloaded} are offloaded (on the meta device): keep the edited "
+                             "layers on a device in the device map, or use comeba's hook layers")
         self.accumulate = accumulate
         self.progress = progress
         self.templates = list(templates) if templates is not None else context_templates(model, tokenizer, hparams)
