@@ -4,9 +4,10 @@
     python benchmarks/soak.py --batches 200 --gate reference
 
 Every --window batches the state is saved (to a temporary folder) and the
-window's resident memory (RSS, from /proc), the state's bytes on disk and the
-mean seconds per batch are recorded. The figures compare the last window with
-the first one after warm-up (ratios, from one run). Writes --out
+window's resident memory (RSS, from /proc), the bytes of the state's tensor
+files (and of its JSON config, whose numbers change length) and the mean
+seconds per batch are recorded. The figures compare the mean of the last five
+windows with that of the first five after warm-up (ratios, from one run). Writes --out
 (default benchmarks/results/soak/soak-<gate>.json).
 """
 
@@ -41,8 +42,8 @@ def rss_mb() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+def folder_bytes(path: Path, suffix: str) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.name.endswith(suffix))
 
 
 def request(i: int) -> dict:
@@ -70,13 +71,17 @@ def soak(batches: int, window: int, gate: str, progress: bool = True) -> dict:
             if (i + 1) % window == 0:
                 editor.save_pretrained(state)
                 windows.append({"batches": i + 1, "seconds_per_batch": round(t_window / window, 4),
-                                "rss_mb": round(rss_mb(), 1), "state_bytes": folder_bytes(state)})
+                                "rss_mb": round(rss_mb(), 1), "state_bytes": folder_bytes(state, ".safetensors"),
+                                "config_bytes": folder_bytes(state, ".json")})
                 t_window = 0.0
-    first, last = windows[1] if len(windows) > 2 else windows[0], windows[-1]
-    ratios = {k: round(last[k] / first[k], 4) for k in ("seconds_per_batch", "rss_mb", "state_bytes")}
+    # the mean of the first five windows after the first (warm-up) against the mean of the last five
+    k = max(1, min(5, (len(windows) - 1) // 2))
+    first, last = windows[1:1 + k] or windows[:1], windows[-k:]
+    ratios = {key: round(sum(w[key] for w in last) / sum(w[key] for w in first), 4)
+              for key in ("seconds_per_batch", "rss_mb", "state_bytes")}
     return {"gate": gate, "batches": batches, "window": window, "model": "tiny llama (4 layers)",
-            "torch_threads": 1, "compared": [first["batches"], last["batches"]], "last_over_first": ratios,
-            "windows": windows}
+            "torch_threads": 1, "compared": [[w["batches"] for w in first], [w["batches"] for w in last]],
+            "last_over_first": ratios, "windows": windows}
 
 
 def main() -> None:

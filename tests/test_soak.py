@@ -17,7 +17,7 @@ from soak import soak  # noqa: E402
 
 @pytest.mark.slow
 def test_thousand_one_edit_batches_keep_state_and_memory_flat():
-    result = soak(1000, 100, "span", progress=False)
+    result = soak(1000, 50, "span", progress=False)
     sizes = {w["state_bytes"] for w in result["windows"]}
-    assert len(sizes) == 1, f"the saved state grew: {sorted(sizes)}"
+    assert len(sizes) == 1, f"the saved tensors grew: {sorted(sizes)}"
     assert result["last_over_first"]["rss_mb"] <= 1.05, result["windows"]
