@@ -446,3 +446,25 @@ def test_layer_mean_gates_on_the_mean_of_the_span_scores_so_far(arch, tiny_model
         torch.testing.assert_close(hooks.records[2].scores, (h[1] + h[2]) / 2, equal_nan=True)
         assert torch.equal(hooks.records[2].gate, (hooks.records[2].scores >= hooks.weights[2].alpha)
                            & mask)
+
+
+def test_a_cache_seen_by_the_hooks_is_freed_when_dropped(tiny_model, tokenizer):
+    """Following beam search's reorders must not tie a cache into a reference cycle: the value optimisation
+    deep-copies its prefix cache at every step, and cycles kept those copies until a garbage collection
+    (+250 MB in one batch of the embedded model, caught by benchmarks/memory_plan.py)."""
+    import copy
+    import gc
+    import weakref
+
+    ids = tokenizer(PROMPTS[:2], return_tensors="pt", padding=True).input_ids
+    with _hooks(tiny_model, _deltas(scale=0.5), 0.3), torch.no_grad():
+        cache = _cache_of(tiny_model(input_ids=ids, use_cache=True))
+        copied = copy.deepcopy(cache)
+        assert copied.reorder_cache._cache() is copied  # a copy reorders itself, not the original
+        refs = weakref.ref(cache), weakref.ref(copied)
+        gc.disable()
+        try:
+            del cache, copied
+            assert all(r() is None for r in refs)
+        finally:
+            gc.enable()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
-import types
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -217,14 +217,11 @@ class HookLayers:
             self._follow_reorders(getattr(out, name, None))
 
     def _follow_reorders(self, cache) -> None:
-        """Make `cache.reorder_cache(beam_idx)` (beam search) reorder the calling thread's gate statistics too.
-
-        A bound method, so that a deep copy of the cache (the value optimisation copies its prefix cache)
-        reorders the copy, not this cache."""
+        """Make `cache.reorder_cache(beam_idx)` (beam search) reorder the calling thread's gate statistics too."""
         if cache is None or not hasattr(cache, "reorder_cache") or getattr(cache, "_comeba_hooks", None) is self:
             return
         cache._comeba_hooks = self
-        cache.reorder_cache = types.MethodType(_reorder_following_hooks, cache)
+        cache.reorder_cache = _ReorderFollowingHooks(cache)
 
     def _mean_over_layers(self, z: torch.Tensor) -> torch.Tensor:
         """The mean of this token's span scores at the gated span layers run so far in this call, this one
@@ -284,11 +281,26 @@ class HookLayers:
         return torch.where(gate[..., None], out + add.to(out.dtype), out)
 
 
-def _reorder_following_hooks(cache, beam_idx, *args, **kwargs):
-    out = type(cache).reorder_cache(cache, beam_idx, *args, **kwargs)
-    state = cache._comeba_hooks._state
-    state.running = {l: r.select(beam_idx) for l, r in state.running.items()}
-    return out
+class _ReorderFollowingHooks:
+    """A cache's `reorder_cache` that also reorders the gate statistics of the hooks that saw the cache.
+
+    It holds the cache weakly (no reference cycle: a cache is freed as soon as it is dropped), and a deep
+    copy of the cache (the value optimisation copies its prefix cache) gets one bound to the copy.
+    """
+
+    def __init__(self, cache) -> None:
+        self._cache = weakref.ref(cache)
+
+    def __call__(self, beam_idx, *args, **kwargs):
+        cache = self._cache()
+        out = type(cache).reorder_cache(cache, beam_idx, *args, **kwargs)
+        state = cache._comeba_hooks._state
+        state.running = {l: r.select(beam_idx) for l, r in state.running.items()}
+        return out
+
+    def __deepcopy__(self, memo) -> "_ReorderFollowingHooks":
+        copied = memo.get(id(self._cache()))
+        return _ReorderFollowingHooks(copied) if copied is not None else self
 
 
 def _cache_length(cache) -> int:

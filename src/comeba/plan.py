@@ -302,8 +302,7 @@ def _statistics_phase(shape: ModelShape, hp: HParams, b: int, weights: int) -> P
 
     rows = _default(compute_second_moments, "batch_size")
     tokens, d_ins = rows * MAX_SEQ_LEN, [shape.mlp_out[l][1] for l in hp.layers]
-    parts = {"float64 sums": sum(d * d * 8 for d in d_ins),
-             "float64 means (out of place)": sum(d * d * 8 for d in d_ins),
+    parts = {"float64 sums (divided in place)": sum(d * d * 8 for d in d_ins),
              "a batch's keys": tokens * sum(d_ins) * b + tokens * max(d_ins) * 8,
              "a layer's activations": _layer_pass(shape, max(d_ins), tokens, rows, MAX_SEQ_LEN, b)}
     return Phase("computing the key statistics", {"weights": weights}, parts,
@@ -394,8 +393,7 @@ def _notes(plan: Plan) -> list[str]:
         "(cond 530: ΔW within 3e-6, gate scores within 2e-7 after 2,000 edits; benchmarks/memory_plan.py), not "
         "for cond 1e6 (0.06, the size of general text's gate scores).",
         f"C0 is held in float64 while an editor starts (stats.load_or_compute_stats), {human(n * square)} with no "
-        f"more than {hp.mom2_dtype} in them; fresh statistics are divided out of place (s / count), a second "
-        f"float64 copy of {human(n * square)}: widening per layer and dividing in place give the same numbers.",
+        f"more than {hp.mom2_dtype} in them: widening per layer would give the same numbers.",
         f"a batch keeps the previous ΔW, C_accu and gate for a rollback (LayerState.copy is shallow, the batch "
         f"writes new tensors): {human(sum(l.delta + l.c_accu + l.gate for l in layers))}."]
     if hp.gate == "span":

@@ -153,7 +153,7 @@ def _distributed_moments(model, tokenizer, layers, names, corpus: Corpus, n_toke
         total = sums.get(layer)
         if total is None:
             total = torch.zeros(d, d, dtype=torch.float64, device=device)
-        out[layer] = all_reduce(total) / count
+        out[layer] = all_reduce(total).div_(count)  # in place: no second d_in² float64 copy at the peak
     return out, count
 
 
