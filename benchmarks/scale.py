@@ -60,12 +60,27 @@ def command(args, method: str, folder: Path) -> list[str]:
             "--pre-cache", str(folder.parent / "pre.json"), "--device", args.device, "--out", str(folder)]
 
 
+def _summary(folder: Path) -> dict | None:
+    """A run's summary.json, or for a run still going (or stopped) its checkpoints so far from progress.json."""
+    if (folder / "summary.json").is_file():
+        return json.loads((folder / "summary.json").read_text())
+    if not (folder / "progress.json").is_file() or not (folder / "run.json").is_file():
+        return None
+    prog, run = json.loads((folder / "progress.json").read_text()), json.loads((folder / "run.json").read_text())
+    cps = prog.get("checkpoints") or []
+    if not cps:
+        return None
+    n = cps[-1]["n_edits"]
+    return {"checkpoints": cps, "n_edits": n, "post": cps[-1], "batch_size": run["batch_size"],
+            "seconds_per_edit": prog["edit_seconds"] / n, "seconds": prog["seconds"], "unfinished": True}
+
+
 def report(out: Path, methods: list[str]) -> None:
     summaries = {}
     for m in methods:
-        path = out / m / "summary.json"
-        if path.is_file():
-            summaries[m] = json.loads(path.read_text())
+        summary = _summary(out / m)
+        if summary is not None:
+            summaries[m] = summary
     if not summaries:
         print("[scale] no finished run to report")
         return
@@ -79,22 +94,24 @@ def report(out: Path, methods: list[str]) -> None:
         for k, (m, s) in enumerate(summaries.items()):
             cps = s["checkpoints"]
             ax.plot([c["n_edits"] for c in cps], [c.get(key, float("nan")) for c in cps], marker="osD^"[k % 4],
-                    ms=4, color=f"C{k}", label=m)
+                    ms=4, color=f"C{k}", label=m + (" (unfinished)" if s.get("unfinished") else ""))
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("edits so far")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="lower left")
     s0 = next(iter(summaries.values()))
+    n_all = max(s["n_edits"] for s in summaries.values())
     fig.suptitle(f"CounterFact scale records, consecutive batches of {s0['batch_size']}, "
-                 f"{s0['n_edits']} edits, embedded SmolLM2-135M", fontsize=10)
+                 f"up to {n_all} edits, embedded SmolLM2-135M", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "scale.png")
     plt.close(fig)
-    lines = [f"# {s0['n_edits']} consecutive edits (counterfact-scale.json records 0..{s0['n_edits'] - 1})", "",
+    lines = [f"# {n_all} consecutive edits (counterfact-scale.json records 0..{n_all - 1})", "",
              "| method | edits | reliability | generality | locality | false-open % (worst layer, worst checkpoint) "
              "| perplexity ratio | s / edit | hours |", "|" + " --- |" * 9]
     for m, s in summaries.items():
         post, cps = s["post"], s["checkpoints"]
+        m = f"{m} (unfinished)" if s.get("unfinished") else m
         fo = [c["false_open_max"] for c in cps if c.get("false_open_max") is not None]
         lines.append(f"| {m} | {s['n_edits']} | {post['reliability']:.1f} | {post['generality']:.1f} | "
                      f"{post['locality']:.1f} | {max(fo):.2f} | " if fo else
