@@ -33,6 +33,7 @@ METHODS = {  # name -> comeba eval options
     "seq-memit": ["--method", "seq-memit"],
     "alphaedit": ["--method", "alphaedit"],
 }
+SO_FAR = "checkpoints-so-far.json"  # an unfinished run's checkpoints, written by --report-only
 PANELS = (("reliability", "reliability %"), ("generality", "generality %"), ("locality", "locality %"),
           ("false_open_max", "false-open % (worst layer)"))
 
@@ -64,12 +65,17 @@ def _summary(folder: Path) -> dict | None:
     """A run's summary.json, or for a run still going (or stopped) its checkpoints so far from progress.json."""
     if (folder / "summary.json").is_file():
         return json.loads((folder / "summary.json").read_text())
-    if not (folder / "progress.json").is_file() or not (folder / "run.json").is_file():
+    # progress.json is the resume file (not committed); SO_FAR keeps its checkpoints beside the committed files
+    source = next((folder / f for f in ("progress.json", SO_FAR) if (folder / f).is_file()), None)
+    if source is None or not (folder / "run.json").is_file():
         return None
-    prog, run = json.loads((folder / "progress.json").read_text()), json.loads((folder / "run.json").read_text())
+    prog, run = json.loads(source.read_text()), json.loads((folder / "run.json").read_text())
     cps = prog.get("checkpoints") or []
     if not cps:
         return None
+    if source.name != SO_FAR:
+        (folder / SO_FAR).write_text(json.dumps({k: prog[k] for k in ("checkpoints", "edit_seconds", "seconds")},
+                                                indent=1) + "\n")
     n = cps[-1]["n_edits"]
     return {"checkpoints": cps, "n_edits": n, "post": cps[-1], "batch_size": run["batch_size"],
             "seconds_per_edit": prog["edit_seconds"] / n, "seconds": prog["seconds"], "unfinished": True}
