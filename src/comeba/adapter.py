@@ -288,7 +288,7 @@ class AppliedEdits:
             raise RuntimeError("these edits were removed from the model; load them again with comeba.load_edits")
         if self._hooks is None:
             self._hooks = HookLayers(self.model, self._layout, self.layers,
-                                     layer_mean=bool(self.config["hparams"].get("gate_layer_mean", False)))
+                                     layer_mean=bool(self.config["hparams"]["gate_layer_mean"]))
 
     def disable(self) -> None:
         """Make the model answer as the base model again (the edits stay loaded)."""

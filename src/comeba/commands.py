@@ -207,16 +207,13 @@ def _in_group(args: argparse.Namespace, body: Callable[[], int]) -> int:
     import contextlib
     import os
 
-    from .distributed import init_distributed_from_env
+    from .distributed import dist_context, init_distributed_from_env, is_lead
 
     joined = init_distributed_from_env(args.device)
     try:
-        import torch.distributed as dist
-
-        if joined or (dist.is_available() and dist.is_initialized()):
-            _prepare_model_in_turn(getattr(args, "model", None) or "embedded")
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        if rank == 0:
+        if dist_context() is not None:
+            _prepare_model_in_turn(args.model or "embedded")
+        if is_lead():
             return body()
         args.quiet = True
         with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):

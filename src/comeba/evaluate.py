@@ -31,7 +31,6 @@ interrupted run resume): comeba.runfolder.
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 import time
@@ -53,7 +52,7 @@ from .files import atomic_save_tensors
 from .hooks import HookLayers
 from .hparams import HParams
 from .methods import METHODS, PROTOCOLS, REGISTRY
-from .models import detect_layout, fingerprint, same_model
+from .models import detect_layout, fingerprint, model_check
 from .requests import Request, make_requests
 from .runfolder import (STATE_DIR, STATE_TENSORS, EvalError, FingerprintCheck, Progress, checkpoint_entry,
                         completed_summary, find_pre, load_progress, pre_key, prepare_folder, record_entry, run_config,
@@ -374,7 +373,7 @@ def evaluate(
                                                hp.mom2_dtype, model_fp=model_fp, progress=progress)
     config = run_config(method, protocol, size, every, reqs, hp, model_fp, provenance, settings)
     folder = Path(out) if out is not None else None
-    known = functools.partial(same_model, model=model, current=model_fp)
+    known = model_check(model, model_fp)
     if folder and from_lead(prepare_folder(folder, config, overwrite, known) if is_lead() else None) == "complete":
         log.info("%s already holds this completed run", folder)
         return completed_summary(folder)

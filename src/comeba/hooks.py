@@ -192,11 +192,8 @@ class HookLayers:
             batch, length = ids.shape[0], ids.shape[1]
         else:
             batch, length = None, None
-        if mask is not None and mask.dim() == 2 and length is not None:
-            self._state.mask = mask[:, -length:]
-        else:
-            self._state.mask = None
         state = self._state
+        state.mask = mask[:, -length:] if mask is not None and mask.dim() == 2 and length is not None else None
         state.span_sum, state.span_count = None, 0
         if past == 0 or any(r.n.shape[0] != batch for r in state.running.values()):
             state.running, state.seen = {}, 0

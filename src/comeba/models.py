@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -273,12 +273,26 @@ def legacy_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:32]
 
 
+def model_check(model: torch.nn.Module, current: str) -> Callable[[str | None], bool]:
+    """Whether a recorded fingerprint names this model (`current` is its fingerprint): an older-format one is
+    checked against the legacy fingerprint, computed at most once however often the check is asked."""
+    legacy: list[str] = []
+
+    def check(recorded: str | None) -> bool:
+        if recorded == current:
+            return True
+        if not recorded or recorded.startswith(FINGERPRINT_PREFIX):
+            return False
+        if not legacy:
+            legacy.append(legacy_fingerprint(model))
+        return recorded == legacy[0]
+
+    return check
+
+
 def same_model(recorded: str | None, model: torch.nn.Module, current: str) -> bool:
-    """Whether a recorded fingerprint names this model (`current` is its fingerprint); an older-format one is
-    checked against the legacy fingerprint."""
-    if recorded == current:
-        return True
-    return bool(recorded) and not recorded.startswith(FINGERPRINT_PREFIX) and recorded == legacy_fingerprint(model)
+    """`model_check` asked once."""
+    return model_check(model, current)(recorded)
 
 
 def weights_checksum(model: torch.nn.Module) -> str:

@@ -86,14 +86,14 @@ def prepare_folder(folder: Path, config: Mapping[str, Any], overwrite: bool, kno
         shutil.rmtree(folder / STATE_DIR, ignore_errors=True)
     if folder.is_dir() and run_file.is_file():
         saved, current = json.loads(run_file.read_text()), json.loads(to_json(config))
-        if saved != current and _same(saved, current, known):
-            atomic_write_text(run_file, to_json(config))
-        elif saved != current:
-            differ = sorted(k for k in set(saved) | set(config) if saved.get(k) != json.loads(to_json(config)).get(k))
+        if not _same(saved, current, known):
+            differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
             raise EvalError(
                 f"{folder} holds another run (it differs in: {', '.join(differ)}); "
                 "give a new --out folder, or --overwrite to replace it"
             )
+        if saved != current:  # recorded under the first fingerprint format: from now on under this one
+            atomic_write_text(run_file, to_json(config))
         return "complete" if (folder / SUMMARY_FILE).is_file() else "resume"
     if folder.is_dir() and any(folder.iterdir()):
         raise EvalError(f"{folder} is a non-empty folder without a comeba evaluation ({RUN_FILE} missing); "
@@ -122,7 +122,7 @@ def pre_key(config: Mapping[str, Any], model_fp: str) -> dict[str, Any]:
 
 def read_pre(path: Path | None, key: Mapping[str, Any], known: FingerprintCheck | None = None) -> dict[str, Any] | None:
     """A saved unedited-model evaluation, if `path` holds one for exactly these records and settings (its "key"
-    is `key`'s, also when it names the model by a first-format fingerprint that `known` recognises)."""
+    is `key`'s, or names the model by a first-format fingerprint that `known` recognises), as saved."""
     if path is None or not path.is_file():
         return None
     try:
@@ -131,8 +131,7 @@ def read_pre(path: Path | None, key: Mapping[str, Any], known: FingerprintCheck 
         return None
     if not isinstance(saved, dict) or not isinstance(saved.get("key"), dict):
         return None
-    current = json.loads(to_json(key))
-    return {**saved, "key": current} if _same(saved["key"], current, known) else None
+    return saved if _same(saved["key"], json.loads(to_json(key)), known) else None
 
 
 def find_pre(folder: Path | None, pre_cache: str | Path | None, key: Mapping[str, Any],
@@ -142,11 +141,11 @@ def find_pre(folder: Path | None, pre_cache: str | Path | None, key: Mapping[str
     (re)written."""
     paths = [p for p in (folder / PRE_FILE if folder else None, Path(pre_cache) if pre_cache is not None else None)
              if p is not None]
-    found = [read_pre(p, key) for p in paths]
+    current = json.loads(to_json(key))
+    found = [read_pre(p, key, known) for p in paths]
     saved = next((s for s in found if s is not None), None)
-    if saved is None and known is not None:  # saved under the first fingerprint format: rewrite both files
-        return next((s for s in (read_pre(p, key, known) for p in paths) if s is not None), None), list(paths)
-    return saved, [p for p, s in zip(paths, found) if s is None]
+    stale = [p for p, s in zip(paths, found) if s is None or s["key"] != current]
+    return (None if saved is None else {**saved, "key": current}), stale
 
 
 def write_pre(paths: Sequence[Path], saved: Mapping[str, Any]) -> None:

@@ -31,7 +31,7 @@ from .corpus import Corpus, token_batches
 from .distributed import all_reduce, broadcast_object, comm_device, dist_context
 from .files import atomic_save_tensors, atomic_write_text
 from .embedded import comeba_home
-from .models import Layout, fingerprint, input_device, legacy_fingerprint
+from .models import FINGERPRINT_PREFIX, Layout, fingerprint, input_device, legacy_fingerprint
 from .text import pad_batch
 from .trace import trace
 
@@ -207,6 +207,13 @@ def _adopt_legacy_cache(model, corpus: Corpus, folder: Path) -> None:
     """Move a cache made under the first fingerprint format to this model's folder (once; statistics take hours
     on a big model). Inside a process group rank 0 alone touches the disk."""
     if folder.exists() or (dist_context() or (0, 1))[0] != 0:
+        return
+    # The legacy fingerprint is a pass over every weight: computed only when an old-format cache of this
+    # corpus exists at all ($COMEBA_HOME/stats/<fingerprint>/<corpus>).
+    root = folder.parent.parent
+    old = [d for d in (root.iterdir() if root.is_dir() else ())
+           if not d.name.startswith(FINGERPRINT_PREFIX) and (d / corpus.ident).is_dir()]
+    if not old:
         return
     legacy = stats_dir(legacy_fingerprint(model), corpus)
     if legacy.is_dir():
