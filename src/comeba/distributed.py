@@ -78,8 +78,6 @@ def broadcast_object(obj, rank: int):
     return box[0]
 
 
-
-
 def is_lead() -> bool:
     """Whether this process speaks and writes for the group (rank 0, or the only process)."""
     ctx = dist_context()
