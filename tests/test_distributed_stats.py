@@ -37,7 +37,7 @@ def _worker(model_dir: str, corpus_path: str, out_dir: str, budgets: str) -> Non
     torch.set_num_threads(1)
     import comeba.stats as stats
     from comeba.corpus import text_corpus
-    from comeba.distributed import init_distributed_from_env
+    from comeba.distributed import init_distributed_from_env, leave_group
     from comeba.models import detect_layout, load_model
 
     assert init_distributed_from_env("cpu"), "WORLD_SIZE > 1 should have made this process join a group"
@@ -52,6 +52,7 @@ def _worker(model_dir: str, corpus_path: str, out_dir: str, budgets: str) -> Non
         return wrapped
 
     stats.atomic_save_tensors, stats.atomic_write_text = record(save_tensors), record(write_text)
+    finished = False
     try:
         model, tokenizer = load_model(model_dir)
         layout = detect_layout(model)
@@ -72,8 +73,9 @@ def _worker(model_dir: str, corpus_path: str, out_dir: str, budgets: str) -> Non
             assert all(prov_again["layers"][str(l)]["cached"] for l in LAYERS)
             results[budget] = {l: m.cpu() for l, m in mats.items()}
             provenances[budget] = prov
+        finished = True
     finally:
-        torch.distributed.destroy_process_group()
+        leave_group(finished)
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({"writes": writes, "provenance": provenances}))
 

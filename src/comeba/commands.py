@@ -207,22 +207,24 @@ def _in_group(args: argparse.Namespace, body: Callable[[], int]) -> int:
     import contextlib
     import os
 
-    from .distributed import dist_context, init_distributed_from_env, is_lead
+    from .distributed import dist_context, init_distributed_from_env, is_lead, leave_group
 
     joined = init_distributed_from_env(args.device)
+    finished = False
     try:
         if dist_context() is not None:
             _prepare_model_in_turn(args.model or "embedded")
         if is_lead():
-            return body()
-        args.quiet = True
-        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-            return body()
+            code = body()
+        else:
+            args.quiet = True
+            with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+                code = body()
+        finished = True
+        return code
     finally:
         if joined:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            leave_group(finished)
 
 
 def _prepare_model_in_turn(name: str) -> None:

@@ -51,6 +51,19 @@ def init_distributed_from_env(device: str | torch.device | None = "auto") -> boo
     return True
 
 
+def leave_group(finished: bool) -> None:
+    """Destroy the process group joined by `init_distributed_from_env`.
+
+    After a clean finish the ranks first meet at a barrier: a rank that left while
+    its last sends were still in flight has been seen to abort in gloo's threads
+    ("terminate called without an active exception"). After a failure they do
+    not wait for each other (the others may never arrive)."""
+    dist = torch.distributed
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def comm_device(device: torch.device) -> torch.device:
     """Where a tensor must be for the group's backend: the CPU for gloo, this process's GPU for NCCL
     (a "cpu:gloo,cuda:nccl" group takes CPU tensors as they are)."""
