@@ -1,14 +1,20 @@
-"""Does the faster target-value optimiser keep the quality? The dev consecutive cells with each optimiser.
+"""Does a faster target-value optimisation keep the quality? The dev consecutive cells with each optimiser
+and each precision (hparams `v_optimizer`, `v_dtype`).
 
     python benchmarks/optimizer_quality.py                       # CounterFact and zsRE, lbfgs then adam
     python benchmarks/optimizer_quality.py --datasets counterfact --optimizers lbfgs
+    python benchmarks/optimizer_quality.py --optimizers lbfgs --v-dtypes float32 bfloat16 --jobs 2 \
+        --out-dir benchmarks/results/speed/precision          # bfloat16 against float32, two cells at a time
     python benchmarks/optimizer_quality.py --report-only
 
 The same cells as benchmarks/run_table.py's consecutive comeba cells (dev
 records 0..199, batches of 20, WikiText-2 statistics, span gate, gate
 diagnostics), run with `v_optimizer: lbfgs` (the default) and `v_optimizer:
-adam` (the reference schedule) of this commit, each one resumable ``comeba
-eval`` run in OUT/<dataset>-<optimizer>/. Writes OUT/OPTIMIZER.md: reliability,
+adam` (the reference schedule) of this commit, and with each `--v-dtypes`
+setting (float32 cells are OUT/<dataset>-<optimizer>/, others
+OUT/<dataset>-<optimizer>-<dtype>/), each one a resumable ``comeba eval`` run.
+With --jobs 2 two cells run at once, one thread each (side by side, so their
+seconds compare). Writes OUT/OPTIMIZER.md: reliability,
 generality, locality, false-open and seconds per edit side by side, and the
 differences (the issue asks for all three within 1 point). OUT is
 benchmarks/results/speed by default.
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,19 +39,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", nargs="+", choices=tuple(DATASETS), default=list(DATASETS))
     p.add_argument("--optimizers", nargs="+", choices=("lbfgs", "adam"), default=["lbfgs", "adam"])
+    p.add_argument("--v-dtypes", nargs="+", choices=("float32", "bfloat16"), default=["float32"])
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once (each then gets 2 // jobs threads)")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results" / "speed"))
     p.add_argument("--report-only", action="store_true")
     return p.parse_args(argv)
 
 
-def run_cell(args, dataset: str, optimizer: str, out: Path) -> None:
-    folder = out / f"{dataset}-{optimizer}"
+def cell_name(dataset: str, optimizer: str, dtype: str) -> str:
+    return f"{dataset}-{optimizer}" + ("" if dtype == "float32" else f"-{dtype}")
+
+
+def start_cell(args, dataset: str, optimizer: str, dtype: str, out: Path) -> tuple[str, subprocess.Popen] | None:
+    """Start one cell's `comeba eval` (None when it is done already)."""
+    folder = out / cell_name(dataset, optimizer, dtype)
     if (folder / "summary.json").exists():
         print(f"{folder.name}: done", flush=True)
-        return
+        return None
     folder.mkdir(parents=True, exist_ok=True)
-    (folder.parent / f"{folder.name}.yaml").write_text(f"v_optimizer: {optimizer}\n")
+    (folder.parent / f"{folder.name}.yaml").write_text(f"v_optimizer: {optimizer}\nv_dtype: {dtype}\n")
     cmd = ["comeba", "eval", "--method", "comeba", "--protocol", "consecutive",
            "--data", f"{dataset}:{DATA / DATASETS[dataset]}", "--n", str(args.n), "--batch-size", "20",
            "--checkpoint-every", "5", "--pre-cache", str(ROOT / "benchmarks" / "results" / "table" / "runs" / f"{dataset}-pre.json"),
@@ -54,12 +68,33 @@ def run_cell(args, dataset: str, optimizer: str, out: Path) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from machine import git_commit
 
-    (folder.parent / f"{folder.name}.json").write_text(json.dumps({"command": cmd, "commit": git_commit()}, indent=1))
+    threads = max(1, 2 // args.jobs)
+    (folder.parent / f"{folder.name}.json").write_text(json.dumps({"command": cmd, "commit": git_commit(),
+                                                                    "threads": threads, "jobs": args.jobs}, indent=1))
     print(f"{folder.name}: {' '.join(cmd)}", flush=True)
-    with open(folder.parent / f"{folder.name}.log", "a") as log:
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        sys.exit(f"{folder.name} failed (exit {code}); see {folder.parent / (folder.name + '.log')}")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    log = open(folder.parent / f"{folder.name}.log", "a")
+    return folder.name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def run_cells(args, out: Path) -> None:
+    """Every cell, --jobs at a time."""
+    todo = [(d, o, t) for d in args.datasets for o in args.optimizers for t in args.v_dtypes]
+    running: list[tuple[str, subprocess.Popen]] = []
+    failed = []
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            started = start_cell(args, *todo.pop(0), out)
+            if started:
+                running.append(started)
+        if not running:
+            continue
+        name, proc = running.pop(0)
+        code = proc.wait()
+        if code != 0:
+            failed.append(f"{name} (exit {code}; see {out / (name + '.log')})")
+    if failed:
+        sys.exit("failed: " + ", ".join(failed))
 
 
 def report(args, out: Path) -> None:
@@ -68,29 +103,35 @@ def report(args, out: Path) -> None:
              "span gate; reliability / generality / locality after all 200 edits; seconds per edit include the",
              "gate calibration, not the evaluation. These cells ran beside other jobs on the 2 cores, so their",
              "seconds are not speed figures: those are in benchmarks/results/profile/profile.json (one run, side by side).", "",
-             "| dataset | optimiser | reliability | generality | locality | false-open % | ppl ratio | s/edit | commit |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| dataset | optimiser | v_dtype | reliability | generality | locality | false-open % | ppl ratio | s/edit "
+             "| threads | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     results: dict = {}
     for dataset in DATASETS:
         for opt in ("lbfgs", "adam"):
-            path = out / f"{dataset}-{opt}" / "summary.json"
-            if not path.exists():
-                continue
-            s = json.loads(path.read_text())
-            last = s["checkpoints"][-1]
-            meta = out / f"{dataset}-{opt}.json"
-            commit = json.loads(meta.read_text()).get("commit", "")[:7] if meta.exists() else ""
-            results[(dataset, opt)] = last
-            lines.append(f"| {dataset} | {opt} | {last['reliability']:.1f} | {last['generality']:.1f} | "
-                         f"{last['locality']:.1f} | {last.get('false_open_max', float('nan')):.2f} | "
-                         f"{last.get('perplexity_ratio', float('nan')):.4f} | {s['seconds_per_edit']:.2f} | {commit} |")
+            for dtype in ("float32", "bfloat16"):
+                name = cell_name(dataset, opt, dtype)
+                path = out / name / "summary.json"
+                if not path.exists():
+                    continue
+                s = json.loads(path.read_text())
+                last = s["checkpoints"][-1]
+                meta = json.loads((out / f"{name}.json").read_text()) if (out / f"{name}.json").exists() else {}
+                results[(dataset, opt, dtype)] = last
+                lines.append(f"| {dataset} | {opt} | {dtype} | {last['reliability']:.1f} | {last['generality']:.1f} | "
+                             f"{last['locality']:.1f} | {last.get('false_open_max', float('nan')):.2f} | "
+                             f"{last.get('perplexity_ratio', float('nan')):.4f} | {s['seconds_per_edit']:.2f} | "
+                             f"{meta.get('threads', 2)} | {meta.get('commit', '')[:7]} |")
     lines.append("")
     for dataset in DATASETS:
-        if (dataset, "lbfgs") in results and (dataset, "adam") in results:
-            a, b = results[(dataset, "lbfgs")], results[(dataset, "adam")]
-            diffs = ", ".join(f"{m} {a[m] - b[m]:+.1f}" for m in ("reliability", "generality", "locality"))
-            lines.append(f"- {dataset}: lbfgs − adam: {diffs}")
-    if (("zsre", "adam") not in results and (ROOT / "benchmarks" / "results" / "table" / "runs" / "zsre-consecutive-comeba"
+        pairs = [(("lbfgs", "float32"), ("adam", "float32"), "lbfgs − adam"),
+                 (("lbfgs", "bfloat16"), ("lbfgs", "float32"), "bfloat16 − float32 (lbfgs)")]
+        for a_key, b_key, label in pairs:
+            if (dataset, *a_key) in results and (dataset, *b_key) in results:
+                a, b = results[(dataset, *a_key)], results[(dataset, *b_key)]
+                diffs = ", ".join(f"{m} {a[m] - b[m]:+.1f}" for m in ("reliability", "generality", "locality"))
+                lines.append(f"- {dataset}: {label}: {diffs}")
+    if (("zsre", "adam", "float32") not in results and ("zsre", "lbfgs", "float32") in results and (ROOT / "benchmarks" / "results" / "table" / "runs" / "zsre-consecutive-comeba"
                                               / "summary.json").exists()):
         cell = json.loads((ROOT / "benchmarks" / "results" / "table" / "runs" / "zsre-consecutive-comeba" / "summary.json").read_text())
         last = cell["checkpoints"][-1]
@@ -106,9 +147,7 @@ def main(argv=None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
-        for dataset in args.datasets:
-            for opt in args.optimizers:
-                run_cell(args, dataset, opt, out)
+        run_cells(args, out)
     report(args, out)
     return 0
 

@@ -42,6 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--baseline", default=BASELINE, help=f"commit to compare with at --baseline-size (default {BASELINE}; 'none' skips)")
     p.add_argument("--baseline-size", type=int, default=20)
     p.add_argument("--optimizer-adam", action="store_true", help="also time v_optimizer: adam at --baseline-size")
+    p.add_argument("--v-dtypes", nargs="+", default=[], metavar="DTYPE",
+                   help="also time this commit at --baseline-size with each of these v_dtype settings (float32, bfloat16)")
+    p.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
+                   help="a hyperparameter for every run of this commit (YAML value; repeatable)")
     p.add_argument("--counterfact", default=str(DATA / "counterfact" / "counterfact-dev.json"))
     p.add_argument("--stats-text", default=str(DATA / "wikitext-2" / "valid.txt"))
     p.add_argument("--device", default="auto")
@@ -87,7 +91,9 @@ def worker(job: dict) -> dict:
     editor = Editor(model, tokenizer, hp, corpus=text_corpus([job["stats_text"]]), progress=False)
     phases: dict = {}
     passes: list[int] = []
-    patches = [(editor_mod, "target_values"), (editor_mod, "write_layers"), (Editor, "_calibrate")]
+    patches = [(editor_mod, "target_values"), (editor_mod, "write_layers")]
+    # the gate's calibration: a method of the editor in earlier layouts, a function of the gate module since
+    patches.append((Editor, "_calibrate") if hasattr(Editor, "_calibrate") else (editor_mod, "calibrate_span"))
     try:  # the finer phases exist only in the new layout
         import comeba.values as values_mod
 
@@ -141,6 +147,7 @@ def summarise(result: dict, size: int) -> dict:
     names = {
         "_Objective.__init__": "prefix pass", "_Objective.__call__": "optimisation: forward + head",
         "comeba.editor.write_layers": "write layers", "Editor._calibrate": "gate calibration",
+        "comeba.editor.calibrate_span": "gate calibration",
     }
     out = {"s_per_edit": total / (size * len(rows)), "batches_s": [round(r["seconds"], 3) for r in rows]}
     phases = {}
@@ -154,7 +161,8 @@ def summarise(result: dict, size: int) -> dict:
     elif "comeba.editor.target_values" in ph:
         phases["target values"] = ph["comeba.editor.target_values"]
     phases["other (state, span gates, α)"] = total - sum(
-        ph.get(k, 0) for k in ("comeba.editor.target_values", "comeba.editor.write_layers", "Editor._calibrate"))
+        ph.get(k, 0) for k in ("comeba.editor.target_values", "comeba.editor.write_layers", "Editor._calibrate",
+                               "comeba.editor.calibrate_span"))
     out["phases_s_per_edit"] = {k: round(v / (size * len(rows)), 4) for k, v in phases.items()}
     passes = [p for r in rows for p in r["passes"]]
     if passes:
@@ -179,14 +187,29 @@ def main(argv=None) -> int:
     report: dict = {"benchmark": "profile_edit", "commit": git_commit(), "cpu": cpu_model(), "threads": args.threads,
                     "device": args.device, "load_average_1min_at_start": load, "batches": args.batches,
                     "records": "counterfact dev 0.., consecutive", "this_commit": {}}
+    import yaml
+
+    overrides = {}
+    for item in args.hparam:
+        key, sep, value = item.partition("=")
+        if not sep:
+            sys.exit(f"profile_edit: --hparam {item!r} is not KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    report["hparams"] = overrides
     src = ROOT / "src"
     for size in args.batch_sizes:
         print(f"this commit, batch {size} ...", flush=True)
-        report["this_commit"][str(size)] = summarise(run_worker(dict(base, size=size), src), size)
+        report["this_commit"][str(size)] = summarise(run_worker(dict(base, size=size, hparams=overrides), src), size)
+    for dtype in args.v_dtypes:
+        print(f"this commit with v_dtype {dtype}, batch {args.baseline_size} ...", flush=True)
+        report[f"this_commit_{dtype}"] = summarise(
+            run_worker(dict(base, size=args.baseline_size, hparams={**overrides, "v_dtype": dtype}), src),
+            args.baseline_size)
     if args.optimizer_adam:
         print(f"this commit with v_optimizer adam, batch {args.baseline_size} ...", flush=True)
         report["this_commit_adam"] = summarise(
-            run_worker(dict(base, size=args.baseline_size, hparams={"v_optimizer": "adam"}), src), args.baseline_size)
+            run_worker(dict(base, size=args.baseline_size, hparams={**overrides, "v_optimizer": "adam"}), src),
+            args.baseline_size)
     if args.baseline != "none":
         print(f"baseline {args.baseline}, batch {args.baseline_size} ...", flush=True)
         with tempfile.TemporaryDirectory(prefix="comeba-baseline-") as tmp:
@@ -203,6 +226,8 @@ def main(argv=None) -> int:
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(f"{'run':<28}{'s/edit':>8}  phases (s/edit)")
     rows = [(f"batch {k}", v) for k, v in report["this_commit"].items()]
+    for dtype in args.v_dtypes:
+        rows.append((f"batch {args.baseline_size}, v_dtype {dtype}", report[f"this_commit_{dtype}"]))
     if "this_commit_adam" in report:
         rows.append((f"batch {args.baseline_size}, adam", report["this_commit_adam"]))
     if "baseline" in report:

@@ -236,6 +236,15 @@ class HookLayers:
         return self
 
     def _on_output(self, layer: int, args, out: torch.Tensor) -> torch.Tensor:
+        """The hook's output in float32 even under an autocast region: the gate's scores and ΔW·k must not
+        depend on the precision the caller runs the model in."""
+        device_type = args[0].device.type
+        if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return self._hooked_output(layer, args, out)
+        return self._hooked_output(layer, args, out)
+
+    def _hooked_output(self, layer: int, args, out: torch.Tensor) -> torch.Tensor:
         k = args[0]
         delta = self._cast[layer]
         add = hook_addition(k, delta)

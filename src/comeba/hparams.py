@@ -18,6 +18,7 @@ IGNORED_KEYS = {
 }
 GATES = ("span", "reference")
 OPTIMIZERS = ("lbfgs", "adam")
+V_DTYPES = ("float32", "bfloat16", "auto")
 ALIASES = {"mom2_n_samples": "mom2_n_tokens", "threshold": "alpha", "init_alpha": "alpha"}
 
 
@@ -55,6 +56,11 @@ class HParams:
     v_num_grad_steps: int = _setting(
         25,
         "at most this many forward/backward passes per request in the target-value optimisation")
+    v_dtype: str = _setting(
+        "float32",
+        "matrix products of the target-value optimisation: `float32`, `bfloat16` (autocast; the vocabulary head, "
+        "the hooks, keys and solves stay float32) or `auto` (bfloat16 where the device has bfloat16 matrix units: "
+        "a CUDA GPU with bf16, a CPU with AMX or AVX-512 BF16; see [Speed](#speed))")
     v_lr: float = _setting(0.5, "Adam's learning rate; L-BFGS's first trial step is 2 · v_lr · √d long")
     v_weight_decay: float = _setting(1e-3, "weight of ‖δ‖ / ‖h‖² in its loss")
     clamp_norm_factor: float = _setting(4.0, "δ is kept within this × ‖h‖")
@@ -138,6 +144,8 @@ class HParams:
             raise HParamsError(f"L2 must be positive, got {self.L2!r}")
         if self.v_optimizer not in OPTIMIZERS:
             raise HParamsError(f"v_optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.v_optimizer!r}")
+        if self.v_dtype not in V_DTYPES:
+            raise HParamsError(f"v_dtype must be one of {', '.join(V_DTYPES)}, got {self.v_dtype!r}")
         if self.gate not in GATES:
             raise HParamsError(f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
         if not 0 < self.gate_false_open < 1:

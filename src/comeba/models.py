@@ -53,6 +53,10 @@ class Layout:
     def mlp_out_name(self, layer: int) -> str:
         return f"{self.layers}.{layer}.{self.mlp_out}"
 
+    def mlp_name(self, layer: int) -> str:
+        """The MLP block whose output projection is `mlp_out`."""
+        return f"{self.layers}.{layer}.{self.mlp_out.rsplit('.', 1)[0]}"
+
 
 LAYOUTS: tuple[Layout, ...] = (
     Layout("gpt2", "transformer.h", "mlp.c_proj", "transformer.ln_f", "lm_head", transposed=True),
@@ -184,6 +188,18 @@ def input_device(model: torch.nn.Module) -> torch.device:
 def layer_device(model: torch.nn.Module, layout: Layout, layer: int) -> torch.device:
     """Where decoder layer `layer` computes (its output lives there)."""
     return module_device(model, layout.layer_name(layer))
+
+
+def has_bf16_matmul(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 matrices in hardware (faster than float32, not emulated)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:  # AMX tiles or AVX-512 BF16 (private but stable helpers; absent in older torch)
+            return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+        except AttributeError:
+            return False
+    return False
 
 
 def mlp_out_device(model: torch.nn.Module, layout: Layout, layer: int) -> torch.device:

@@ -18,14 +18,15 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .compute import KL_PROMPT, Aligned, fill_template, replay_layers
 from .hparams import HParams
-from .models import Layout, cache_kwarg, get_module, input_device, layer_device
+from .models import Layout, cache_kwarg, get_module, has_bf16_matmul, input_device, layer_device, num_layers
 from .requests import Request
 from .text import encode_prompt, encode_target, subject_last_index
 from .trace import trace
@@ -61,9 +62,11 @@ def _rewrite_sequences(tokenizer, requests: Sequence[Request], templates: Sequen
             base = len(prompt_ids) - 1
             s.targets.append([(base + j, t) for j, t in enumerate(target_ids)])
             s.is_kl.append(False)
-        s.ids.append(encode_prompt(tokenizer, KL_PROMPT.format(req.subject)))
+        kl_lookup = subject_last_index(tokenizer, KL_PROMPT, req.subject)
+        # only the subject's last position is scored: the tokens after it cannot change it (causal attention)
+        s.ids.append(encode_prompt(tokenizer, KL_PROMPT.format(req.subject))[: kl_lookup + 1])
         s.owner.append(r_i)
-        s.lookup.append(subject_last_index(tokenizer, KL_PROMPT, req.subject))
+        s.lookup.append(kl_lookup)
         s.targets.append([])
         s.is_kl.append(True)
     return s
@@ -100,6 +103,23 @@ def new_cache(model):
         return DynamicCache(config=model.config)
     except TypeError:  # transformers 4
         return DynamicCache()
+
+
+def _tensors(obj, depth: int = 4) -> list[torch.Tensor]:
+    """The tensors a cache object holds (in attributes, lists, tuples and dicts, a few levels deep)."""
+    if torch.is_tensor(obj):
+        return [obj]
+    if depth == 0:
+        return []
+    if isinstance(obj, (list, tuple)):
+        items = obj
+    elif isinstance(obj, dict):
+        items = list(obj.values())
+    elif hasattr(obj, "__dict__"):
+        items = list(vars(obj).values())
+    else:
+        return []
+    return [t for item in items for t in _tensors(item, depth - 1)]
 
 
 class _Objective:
@@ -160,6 +180,10 @@ class _Objective:
         self.kl_init: torch.Tensor | None = None  # log p at δ = 0, per request (set by the first evaluation)
         self.max_norm = hp.clamp_norm_factor * self.h_init.norm(dim=-1, keepdim=True)
 
+    def _logp(self, hidden: torch.Tensor) -> torch.Tensor:
+        """log p over the vocabulary (float32)."""
+        return torch.log_softmax(self.lm_head(hidden).float(), -1)
+
     def project(self, delta: torch.Tensor) -> torch.Tensor:
         """Into the ball of radius clamp_norm_factor·‖h‖ (per request)."""
         norm = delta.norm(dim=-1, keepdim=True)
@@ -168,7 +192,9 @@ class _Objective:
     def _hidden(self, delta: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tensor:
         """Final-norm output of the suffixes `rows` (first `width` positions) with δ added at l_n."""
         P, owner = self.P, self.owner[rows]
-        step_cache = copy.deepcopy(self.cache)
+        # A copy of the cache's structure sharing its tensors: the pass replaces them (selected rows, the suffix
+        # appended) and never writes into them, so the prefix cache serves every pass uncopied.
+        step_cache = copy.deepcopy(self.cache, memo={id(t): t for t in _tensors(self.cache)})
         if len(rows) != self.n_seq or bool((rows != torch.arange(self.n_seq, device=rows.device)).any()):
             step_cache.batch_select_indices(rows if self.single_device else rows.cpu())  # any layer's device
         at = rows.to(self.ids.device)
@@ -209,12 +235,12 @@ class _Objective:
             sel = self.tgt[where[self.tgt[:, 0]] >= 0]
             if len(sel):
                 on = hidden.device  # a dispatched model's final norm and head may be on other devices than δ
-                logp = torch.log_softmax(self.lm_head(hidden[where[sel[:, 0]].to(on), sel[:, 1].to(on)]).float(), -1)
+                logp = self._logp(hidden[where[sel[:, 0]].to(on), sel[:, 1].to(on)])
                 picked = logp.gather(1, sel[:, 2:3].to(logp.device)).squeeze(1).to(device)
                 seq_lp = seq_lp.index_add(0, sel[:, 0], picked)
             kl_rows = self.kl_seq[where[self.kl_seq] >= 0]
             if len(kl_rows):
-                lp = torch.log_softmax(self.lm_head(hidden[where[kl_rows].to(hidden.device), 0]).float(), -1)
+                lp = self._logp(hidden[where[kl_rows].to(hidden.device), 0])
                 kl_logp.update(zip(kl_rows.tolist(), lp.to(device)))
         seq_len = torch.zeros(self.n_seq, device=device).index_add(
             0, self.tgt[:, 0], torch.ones(len(self.tgt), device=device))
@@ -373,6 +399,51 @@ def _lbfgs(obj: _Objective, hp: HParams, memory: int = 6) -> tuple[torch.Tensor,
 OPTIMISERS = {"lbfgs": _lbfgs, "adam": _adam}
 
 
+@contextmanager
+def value_precision(model, layout: Layout, first: int, setting: str) -> Iterator[bool]:
+    """The projections of layers `first`.. (those the optimised δ passes through) in bfloat16 while it runs,
+    when `setting` (hparam `v_dtype`) is `bfloat16`, or `auto` on a device with bfloat16 matrix units.
+
+    Each projection's float32 weight is set aside and put back on exit (the model is unchanged after); its
+    input is cast to bfloat16 and its output back to float32. Everything else stays float32: the layers up
+    to l_n (so h and the keys are exact), the attention itself (whose bfloat16 backward is slow on CPUs),
+    the norms, the vocabulary head (a logit rounded to bfloat16 moves the loss by as much as the early-stop
+    threshold), δ, the loss and the hooks. Yields whether it reduced anything: not for a model that is not
+    float32, nor where accelerate offloads these weights (it loads them itself at each call)."""
+    projections = [m for l in range(first, num_layers(model, layout))
+                   for m in get_module(model, layout.layer_name(l)).modules()
+                   if next(m.children(), None) is None and getattr(m, "weight", None) is not None
+                   and m.weight.dim() == 2]
+    params = [p for m in projections for p in m.parameters(recurse=False)]
+    reduce = setting == "bfloat16" or (setting == "auto" and bool(params) and has_bf16_matmul(params[0].device))
+    if not reduce or not params or any(p.dtype != torch.float32 or p.device.type == "meta" for p in params):
+        yield False
+        return
+    saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    handles = []
+    try:
+        for p in params:
+            saved.append((p, p.data))
+            p.data = p.data.to(torch.bfloat16)
+        for m in projections:
+            handles.append(m.register_forward_pre_hook(_to_bfloat16))
+            handles.append(m.register_forward_hook(_to_float32))
+        yield True
+    finally:
+        for h in handles:
+            h.remove()
+        for p, data in saved:
+            p.data = data
+
+
+def _to_bfloat16(_module, args: tuple) -> tuple:
+    return tuple(a.to(torch.bfloat16) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def _to_float32(_module, _args, out: torch.Tensor) -> torch.Tensor:
+    return out.to(torch.float32)
+
+
 def target_values(
     model,
     tokenizer,
@@ -394,8 +465,9 @@ def target_values(
     try:
         for start in range(0, len(requests), chunk):
             part = requests[start : start + chunk]
-            obj = _Objective(model, tokenizer, layout, part, hp, templates)
-            delta, loss, passes = OPTIMISERS[hp.v_optimizer](obj, hp)
+            with value_precision(model, layout, hp.layers[-1] + 1, hp.v_dtype):
+                obj = _Objective(model, tokenizer, layout, part, hp, templates)
+                delta, loss, passes = OPTIMISERS[hp.v_optimizer](obj, hp)
             log.debug("target values (%s): passes %s, final losses %s", hp.v_optimizer, passes.tolist(),
                       [round(v, 4) for v in loss.tolist()])
             out.append((obj.h_init + delta).to(torch.float64))
