@@ -194,6 +194,35 @@ def test_low_precision_model_keeps_float32_delta(make_tiny, tokenizer):
         assert deltas[l].dtype == torch.float32 and torch.equal(deltas[l], stored[l])
 
 
+def test_hooks_compute_in_float32_under_autocast(tiny_model, tokenizer):
+    """A caller's bfloat16 autocast changes the model's own products, not the hook's: ΔW·k and the gate's
+    scores are float32 of the key the projection received."""
+    model = tiny_model
+    layout = detect_layout(model)
+    deltas = _deltas()
+    hooks = _span_hooks(model, tokenizer, deltas)
+    seen = {}
+    handles = [model.get_submodule(layout.mlp_out_name(l)).register_forward_hook(
+        lambda m, a, o, l=l: seen.__setitem__(l, (a[0].detach(), o.detach()))) for l in deltas]
+    batch = _batch(tokenizer)
+    try:
+        with hooks, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            hooks.record()
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            records = hooks.records
+    finally:
+        for h in handles:
+            h.remove()
+    from comeba.gate import span_scores
+
+    for l in deltas:
+        k, _ = seen[l]
+        assert k.dtype == torch.bfloat16  # the model ran under autocast
+        z = span_scores(k, hooks._span[l])
+        assert records[l].scores.dtype == torch.float32
+        torch.testing.assert_close(records[l].scores[batch.attention_mask.bool()], z[batch.attention_mask.bool()])
+
+
 # --------------------------------------------------------------------------- running statistics (KV cache)
 
 

@@ -253,3 +253,52 @@ def test_solve_satisfies_the_normal_equations():
     assert delta.shape == (d_out, d_in)
     torch.testing.assert_close(delta @ (C + K.T @ K), R.T @ K, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(delta, R.T @ K @ torch.linalg.inv(C + K.T @ K), rtol=1e-8, atol=1e-9)
+
+
+def test_bfloat16_projections_track_float32_and_leave_the_model_as_it_was(arch, make_tiny, tokenizer):
+    """v_dtype bfloat16: the layers above l_n compute their projections in bfloat16 (loss and gradient close
+    to float32's), and the model is bit for bit the same object after, also when the optimisation fails."""
+    from comeba.values import value_precision
+
+    model = make_tiny(arch)
+    tok, layout, reqs = tokenizer, detect_layout(model), make_requests(AFTER_SUBJECT)
+    templates = context_templates(model, tok, HP)
+    first = HP.layers[-1] + 1  # layer 3 of 4
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    torch.manual_seed(1)
+    delta = 0.5 * torch.randn(len(reqs), model.config.hidden_size)
+    active = torch.ones(len(reqs), dtype=torch.bool)
+
+    def loss_and_grad():
+        obj = _Objective(model, tok, layout, reqs, HP, templates)
+        obj.value_and_grad(torch.zeros_like(delta), active)
+        first_call = obj.value_and_grad(delta, active)
+        again = obj.value_and_grad(delta, active)  # the prefix cache serves every pass unchanged
+        assert torch.equal(first_call[0], again[0]) and torch.equal(first_call[1], again[1])
+        return first_call
+
+    l32, g32 = loss_and_grad()
+    with value_precision(model, layout, first, "bfloat16") as reduced:
+        assert reduced
+        upper = [p for n, p in model.named_parameters() if f".{first}." in n and p.dim() == 2]
+        assert upper and all(p.dtype == torch.bfloat16 for p in upper)
+        l16, g16 = loss_and_grad()
+    torch.testing.assert_close(l16, l32, rtol=3e-2, atol=1e-2)
+    assert float(torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0)) > 0.99
+    assert not torch.equal(l16, l32)  # it did compute in bfloat16
+    with pytest.raises(RuntimeError, match="interrupted"), value_precision(model, layout, first, "bfloat16"):
+        raise RuntimeError("interrupted")
+    for name, p in model.named_parameters():
+        assert p.data_ptr() == before[name][0] and p.dtype == before[name][1].dtype, name
+        assert torch.equal(p, before[name][1]), name
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert torch.equal(loss_and_grad()[0], l32)
+    with value_precision(model, layout, first, "float32") as reduced:
+        assert not reduced
+    with value_precision(model.to(torch.bfloat16), layout, first, "auto") as reduced:
+        assert not reduced  # a model that is not float32 computes as it is
+
+
+def test_v_dtype_is_validated():
+    with pytest.raises(HParamsError, match="v_dtype"):
+        HParams(v_dtype="float16")

@@ -226,22 +226,33 @@ class _Objective:
         live_seq = active[self.owner].nonzero().squeeze(1).tolist()
         seq_lp = torch.zeros(self.n_seq, device=device)
         kl_logp: dict[int, torch.Tensor] = {}
+        # The final-norm outputs the loss reads, from every length group: the vocabulary head then runs once
+        # per pass (its weight read once, where a call per group would read it again for a few rows).
+        scored: list[torch.Tensor] = []
+        parts: list[tuple[str, torch.Tensor]] = []  # ("target", (seq, pos, token) rows) or ("kl", KL sequences)
         for group in length_groups([self.suffix_len[i] for i in live_seq]):
             rows = torch.tensor([live_seq[g] for g in group], device=device)
             width = max(self.suffix_len[live_seq[g]] for g in group)
             hidden = self._hidden(delta, rows, width)
+            on = hidden.device  # a dispatched model's final norm and head may be on other devices than δ
             where = torch.full((self.n_seq,), -1, dtype=torch.long, device=device)
             where[rows] = torch.arange(len(rows), device=device)
             sel = self.tgt[where[self.tgt[:, 0]] >= 0]
             if len(sel):
-                on = hidden.device  # a dispatched model's final norm and head may be on other devices than δ
-                logp = self._logp(hidden[where[sel[:, 0]].to(on), sel[:, 1].to(on)])
-                picked = logp.gather(1, sel[:, 2:3].to(logp.device)).squeeze(1).to(device)
-                seq_lp = seq_lp.index_add(0, sel[:, 0], picked)
+                scored.append(hidden[where[sel[:, 0]].to(on), sel[:, 1].to(on)])
+                parts.append(("target", sel))
             kl_rows = self.kl_seq[where[self.kl_seq] >= 0]
             if len(kl_rows):
-                lp = self._logp(hidden[where[kl_rows].to(hidden.device), 0])
-                kl_logp.update(zip(kl_rows.tolist(), lp.to(device)))
+                scored.append(hidden[where[kl_rows].to(on), 0])
+                parts.append(("kl", kl_rows))
+        if scored:
+            logp = self._logp(torch.cat(scored)).to(device)
+            for (kind, index), lp in zip(parts, logp.split([len(x) for x in scored])):
+                if kind == "target":
+                    picked = lp.gather(1, index[:, 2:3]).squeeze(1)
+                    seq_lp = seq_lp.index_add(0, index[:, 0], picked)
+                else:
+                    kl_logp.update(zip(index.tolist(), lp))
         seq_len = torch.zeros(self.n_seq, device=device).index_add(
             0, self.tgt[:, 0], torch.ones(len(self.tgt), device=device))
         seq_nll = -seq_lp / seq_len.clamp(min=1)
