@@ -156,3 +156,18 @@ def test_edit_prints_the_plan_and_warns_when_ram_is_short(edit_files, monkeypatc
 def test_model_shape_of_a_real_and_a_meta_model_agree(make_tiny):
     model = make_tiny("gpt_neox")
     assert ModelShape.from_model(model).mlp_out == ModelShape.from_config(model.config, "float32").mlp_out
+
+
+def test_bfloat16_target_values_count_the_copies_of_the_later_projections(make_tiny):
+    """v_dtype bfloat16 holds a bfloat16 copy of every projection after l_n while the values are optimised."""
+    from comeba.models import detect_layout, num_layers
+    from comeba.plan import _values_stage
+
+    model = make_tiny("llama")
+    hp, shape = HParams(**HP), ModelShape.from_model(model)
+    part = "bfloat16 copies of the later layers' projections"
+    assert part not in _values_stage(shape, hp, 4, 4, suffix=6, prefix=12, target=3)
+    layout = detect_layout(model)
+    later = [model.get_submodule(layout.layer_name(l)) for l in range(hp.layers[-1] + 1, num_layers(model, layout))]
+    expected = sum(p.numel() * 2 for m in later for p in m.parameters() if p.dim() == 2)
+    assert _values_stage(shape, hp.replace(v_dtype="bfloat16"), 4, 4, suffix=6, prefix=12, target=3)[part] == expected

@@ -342,9 +342,14 @@ def _values_stage(shape: ModelShape, hp: HParams, size: int, b: int, suffix: int
     seqs = requests * (templates + 1)
     after = shape.n_layers - 1 - max(hp.layers)
     per_token = activation_bytes(shape, shape.mlp_out[-1][1], b, prefix + suffix)
-    return {"activations (forward/backward)": seqs * suffix * after * per_token,
-            "KV cache and its copy": 2 * seqs * prefix * 2 * shape.kv_dim * shape.n_layers * b,
-            "logits over the vocabulary": (requests * templates * target + requests) * shape.vocab * (b + 4 * 4)}
+    stage = {"activations (forward/backward)": seqs * suffix * after * per_token,
+             "KV cache and its copy": 2 * seqs * prefix * 2 * shape.kv_dim * shape.n_layers * b,
+             "logits over the vocabulary": (requests * templates * target + requests) * shape.vocab * (b + 4 * 4)}
+    if hp.v_dtype != "float32" and shape.dtype == "float32":  # value_precision: bfloat16 copies, set aside after
+        d_out, d_in = shape.mlp_out[-1]
+        projections = 2 * shape.hidden * (shape.hidden + shape.kv_dim) + (3 if shape.gated_mlp else 2) * d_out * d_in
+        stage["bfloat16 copies of the later layers' projections"] = after * projections * 2
+    return stage
 
 
 def _write_stage(shape: ModelShape, hp: HParams, layers: Sequence[LayerPlan], size: int, b: int,
