@@ -82,13 +82,17 @@ def worker(job: dict) -> dict:
     from comeba.editor import Editor
     from comeba.hparams import HParams
     from comeba.models import load_model
-    from comeba.corpus import text_corpus
+    try:
+        from comeba.corpus import text_corpus
+    except ImportError:  # earlier layouts (the baseline commit) kept it in comeba.stats
+        from comeba.stats import text_corpus
 
     model, tokenizer = load_model("embedded", device=job["device"])
     hp = HParams(**job.get("hparams", {}))
     size, batches = job["size"], job["batches"]
     requests = load_counterfact(job["counterfact"], offset=0, n=size * batches).requests
-    editor = Editor(model, tokenizer, hp, corpus=text_corpus([job["stats_text"]]), progress=False)
+    make = getattr(Editor, "create", Editor)  # earlier layouts (the baseline commit) built a fresh editor with create
+    editor = make(model, tokenizer, hp, corpus=text_corpus([job["stats_text"]]), progress=False)
     phases: dict = {}
     passes: list[int] = []
     patches = [(editor_mod, "target_values"), (editor_mod, "write_layers")]
@@ -197,14 +201,20 @@ def main(argv=None) -> int:
         overrides[key] = yaml.safe_load(value)
     report["hparams"] = overrides
     src = ROOT / "src"
+
+    def save() -> None:  # after every measurement: a later failure keeps the earlier ones
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+
     for size in args.batch_sizes:
         print(f"this commit, batch {size} ...", flush=True)
         report["this_commit"][str(size)] = summarise(run_worker(dict(base, size=size, hparams=overrides), src), size)
+        save()
     for dtype in args.v_dtypes:
         print(f"this commit with v_dtype {dtype}, batch {args.baseline_size} ...", flush=True)
         report[f"this_commit_{dtype}"] = summarise(
             run_worker(dict(base, size=args.baseline_size, hparams={**overrides, "v_dtype": dtype}), src),
             args.baseline_size)
+        save()
     if args.optimizer_adam:
         print(f"this commit with v_optimizer adam, batch {args.baseline_size} ...", flush=True)
         report["this_commit_adam"] = summarise(
