@@ -53,10 +53,6 @@ class Layout:
     def mlp_out_name(self, layer: int) -> str:
         return f"{self.layers}.{layer}.{self.mlp_out}"
 
-    def mlp_name(self, layer: int) -> str:
-        """The MLP block whose output projection is `mlp_out`."""
-        return f"{self.layers}.{layer}.{self.mlp_out.rsplit('.', 1)[0]}"
-
 
 LAYOUTS: tuple[Layout, ...] = (
     Layout("gpt2", "transformer.h", "mlp.c_proj", "transformer.ln_f", "lm_head", transposed=True),

@@ -180,10 +180,6 @@ class _Objective:
         self.kl_init: torch.Tensor | None = None  # log p at δ = 0, per request (set by the first evaluation)
         self.max_norm = hp.clamp_norm_factor * self.h_init.norm(dim=-1, keepdim=True)
 
-    def _logp(self, hidden: torch.Tensor) -> torch.Tensor:
-        """log p over the vocabulary (float32)."""
-        return torch.log_softmax(self.lm_head(hidden).float(), -1)
-
     def project(self, delta: torch.Tensor) -> torch.Tensor:
         """Into the ball of radius clamp_norm_factor·‖h‖ (per request)."""
         norm = delta.norm(dim=-1, keepdim=True)
@@ -246,7 +242,7 @@ class _Objective:
                 scored.append(hidden[where[kl_rows].to(on), 0])
                 parts.append(("kl", kl_rows))
         if scored:
-            logp = self._logp(torch.cat(scored)).to(device)
+            logp = torch.log_softmax(self.lm_head(torch.cat(scored)).float(), -1).to(device)
             for (kind, index), lp in zip(parts, logp.split([len(x) for x in scored])):
                 if kind == "target":
                     picked = lp.gather(1, index[:, 2:3]).squeeze(1)
