@@ -73,8 +73,8 @@ def start_cell(args, dataset: str, optimizer: str, dtype: str, out: Path) -> tup
                                                                     "threads": threads, "jobs": args.jobs}, indent=1))
     print(f"{folder.name}: {' '.join(cmd)}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    log = open(folder.parent / f"{folder.name}.log", "a")
-    return folder.name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    with open(folder.parent / f"{folder.name}.log", "a") as log:  # the child keeps its own descriptor
+        return folder.name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def run_cells(args, out: Path) -> None:

@@ -486,16 +486,17 @@ def target_values(
     """
     out = []
     bar = tqdm(total=len(requests), desc="target values", unit="edit", disable=not progress)
-    try:
-        for start in range(0, len(requests), chunk):
-            part = requests[start : start + chunk]
-            with value_precision(model, layout, hp.layers[-1] + 1, hp.v_dtype):
+    # the precision is set once for every chunk: the bfloat16 weight copies are made once per batch
+    with value_precision(model, layout, hp.layers[-1] + 1, hp.v_dtype):
+        try:
+            for start in range(0, len(requests), chunk):
+                part = requests[start : start + chunk]
                 obj = _Objective(model, tokenizer, layout, part, hp, templates)
                 delta, loss, passes = OPTIMISERS[hp.v_optimizer](obj, hp)
-            log.debug("target values (%s): passes %s, final losses %s", hp.v_optimizer, passes.tolist(),
-                      [round(v, 4) for v in loss.tolist()])
-            out.append((obj.h_init + delta).to(torch.float64))
-            bar.update(len(part))
-    finally:
-        bar.close()
+                log.debug("target values (%s): passes %s, final losses %s", hp.v_optimizer, passes.tolist(),
+                          [round(v, 4) for v in loss.tolist()])
+                out.append((obj.h_init + delta).to(torch.float64))
+                bar.update(len(part))
+        finally:
+            bar.close()
     return torch.cat(out)
