@@ -14,13 +14,14 @@ from comeba.diagnostics import TextSample, gate_report, general_text_sample, sub
 from comeba.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EDITING_STATE, StateError
 from comeba.editor import Editor
 from comeba.evaluate import Settings, evaluate
-from comeba.gate import SpanGate, calibrated_threshold, span_gate, span_scores
+from comeba.gate import SpanGate, calibrate_span, calibrated_threshold, span_gate, span_scores
 from comeba.hooks import HookLayers, LayerState
 from comeba.hparams import HParams
 from comeba.models import cache_kwarg, detect_layout
 from comeba.requests import make_requests
 from comeba.corpus import text_corpus
 from comeba.text import pad_batch
+from tiny import ARCHS
 from test_editor import HP, R1, R2, R3, UNRELATED, _logits, _p_first, _write_v1
 
 pytestmark = pytest.mark.usefixtures("one_thread", "shared_comeba_home")
@@ -117,6 +118,22 @@ def test_span_beta_counts_weaker_directions(beta):
     sharp = span_scores(probe, span_gate(c0, a0 + edits.T @ edits, lam, beta))
     soft = span_scores(probe, span_gate(c0, a0 + edits.T @ edits, lam, beta / 2))
     assert (soft >= sharp - 1e-6).all() and (soft > sharp + 1e-4).any()
+
+
+def test_span_gate_reuses_an_earlier_whitening_of_the_same_c0():
+    """The editor passes the previous batch's (float32) whitening: the gate must be that of a fresh factorisation
+    to float32 accuracy, and a whitening of another size is refused."""
+    d, lam = 24, 50.0
+    c0 = _spd(d, 11).float()
+    first = span_gate(c0, lam * c0.double() + _keys(c0.double(), 3, 12).T @ _keys(c0.double(), 3, 12), lam)
+    c_accu = lam * c0.double() + _keys(c0.double(), 9, 13).T @ _keys(c0.double(), 9, 13)
+    fresh, reused = span_gate(c0, c_accu, lam), span_gate(c0, c_accu, lam, whiten=first.whiten)
+    assert torch.equal(reused.whiten, fresh.whiten)
+    assert (reused.span - fresh.span).abs().max() < 1e-5 and fresh.span.abs().max() > 0.1
+    probe = _keys(c0.double(), 50, 14).float()
+    assert torch.allclose(span_scores(probe, reused), span_scores(probe, fresh), atol=1e-5)
+    with pytest.raises(ValueError, match="does not fit C0"):
+        span_gate(c0, c_accu, lam, whiten=first.whiten[:-1, :-1])
 
 
 def test_no_accumulated_keys_scores_zero():
@@ -368,6 +385,28 @@ def new_editor(make_tiny, tokenizer, corpus_file):
 
 def _calibration_sample(editor) -> TextSample:
     return TextSample(tuple(tuple(s) for s in editor.calibration), "calibration text")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_calibration_started_at_the_first_edited_layer_sets_the_same_alpha(new_editor, tokenizer, arch):
+    """The editor keeps the held-back text's input to the first edited layer and starts each calibration pass
+    there (layers below it are never hooked); α must be what a whole pass gives."""
+    editor = new_editor(arch)
+    editor.edit([R1, R2])
+    stream = editor._calibration_stream[1]
+    assert stream is not None and stream.shape[0] == len(editor.calibration)
+    hp = editor.hparams
+    batch = make_requests([R3])
+    with HookLayers(editor.model, editor.layout, editor.layers) as hooks:
+        args = (hooks, editor.model, tokenizer, editor.layout, editor.calibration, batch, hp.gate_false_open,
+                hp.gate_false_open_max, hp.gate_subject_share)
+        whole = calibrate_span(*args)
+        started = calibrate_span(*args, stream=stream)
+        with pytest.raises(ValueError, match="not that of this calibration text"):
+            calibrate_span(*args, stream=stream[1:])
+    assert set(whole) == set(hp.layers)
+    for l in hp.layers:
+        assert started[l] == pytest.approx(whole[l], rel=1e-5, abs=1e-6), l
 
 
 @pytest.mark.parametrize("share", [0.0, None])

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .adapter import StateError, check_base_model, read_state, write_state
 from .compute import accumulate_keys, context_templates, fill_template, solve_update, write_layers
-from .gate import adapt_alpha, batch_gate_maxima, calibrate_span, span_gate
+from .gate import adapt_alpha, batch_gate_maxima, calibrate_span, calibration_stream, span_gate
 from .hooks import HookLayers, LayerState
 from .hparams import HParams
 from .models import (Layout, detect_layout, fingerprint, input_device, mlp_out_device, mlp_out_weight,
@@ -94,6 +94,8 @@ class Editor:
                 if st.span is None:
                     st.span = span_gate(st.c0, st.c_accu, hparams.mom2_update_weight, hparams.gate_span_beta)
         self._hooks = None
+        # the calibration text's input to the first edited layer (`calibration_stream`), made at the first batch
+        self._calibration_stream: tuple[torch.device, torch.Tensor | None] | None = None
 
     @classmethod
     def from_statistics(
@@ -224,7 +226,8 @@ class Editor:
                     state.delta = state.delta + delta.to(state.delta)
                     state.c_accu = accumulate_keys(state.c_accu, keys)
                     if state.c0 is not None:
-                        state.span = span_gate(state.c0, state.c_accu, hp.mom2_update_weight, hp.gate_span_beta)
+                        state.span = span_gate(state.c0, state.c_accu, hp.mom2_update_weight, hp.gate_span_beta,
+                                               whiten=state.span.whiten if state.span is not None else None)
                     # validated from here on, with the previous batch's α (as the reference)
                     hooks.set(layer, state.copy())
 
@@ -234,8 +237,13 @@ class Editor:
                 )
                 # 3. α: span gate — calibrated on held-back general text under the new hooks;
                 if hp.gate == "span":
+                    device = input_device(self.model)
+                    if self._calibration_stream is None or self._calibration_stream[0] != device:
+                        self._calibration_stream = (device, calibration_stream(
+                            self.model, self.tokenizer, self.layout, self.calibration, hp.layers[0]))
                     alphas = calibrate_span(hooks, self.model, self.tokenizer, self.layout, self.calibration, batch,
-                                            hp.gate_false_open, hp.gate_false_open_max, hp.gate_subject_share)
+                                            hp.gate_false_open, hp.gate_false_open_max, hp.gate_subject_share,
+                                            stream=self._calibration_stream[1])
                     for l, a in alphas.items():
                         new[l].alpha = a
             if hp.gate == "reference":

@@ -25,11 +25,13 @@ score reaches the layer's threshold α. Two gates:
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from .compute import replay_layers
 from .models import Layout, input_device
 from .text import encode_prompt, pad_batch, subject_last_index
 from .trace import trace
@@ -63,15 +65,25 @@ class SpanGate:
                         self.span.to(device=device, dtype=torch.float32))
 
 
-def span_gate(c0: torch.Tensor, c_accu: torch.Tensor, lam: float, beta: float = 1.0) -> SpanGate:
+def span_gate(c0: torch.Tensor, c_accu: torch.Tensor, lam: float, beta: float = 1.0,
+              whiten: torch.Tensor | None = None) -> SpanGate:
     """The span gate of C_accu = λC0 + Σ K Kᵀ with H = (βI + S_w)⁻¹ S_w, computed in float64 (H is well
-    conditioned: eigenvalues in [0, 1))."""
+    conditioned: eigenvalues in [0, 1)).
+
+    `whiten`: the whitening of an earlier span gate of the same C0 and λ
+    (it depends on nothing else), reused instead of factorising λC0 again:
+    the editor's batches then spend a third less on their gates.
+    """
     c0 = c0.to(torch.float64)
     c_accu = c_accu.to(torch.float64)
     a0 = lam * c0
     eye = torch.eye(a0.shape[0], dtype=torch.float64, device=a0.device)
-    chol = _cholesky_with_jitter(a0, eye)
-    whiten = torch.linalg.solve_triangular(chol, eye, upper=False)  # L⁻¹
+    if whiten is None:
+        chol = _cholesky_with_jitter(a0, eye)
+        whiten = torch.linalg.solve_triangular(chol, eye, upper=False)  # L⁻¹
+    elif whiten.shape != a0.shape:
+        raise ValueError(f"the whitening {tuple(whiten.shape)} does not fit C0 {tuple(a0.shape)}")
+    whiten = whiten.to(a0.device, torch.float64)
     s_w = whiten @ (c_accu - a0) @ whiten.T
     s_w = 0.5 * (s_w + s_w.T)
     h = torch.cholesky_solve(s_w, torch.linalg.cholesky(beta * eye + s_w))
@@ -182,12 +194,33 @@ class RunningStats:
 
 
 @torch.no_grad()
+def calibration_stream(model, tokenizer, layout: Layout, calibration: Sequence[Sequence[int]], first: int
+                       ) -> torch.Tensor | None:
+    """The held-back text's input to the first edited layer (None when that is layer 0).
+
+    No hook acts below the first edited layer, so this is the same for every
+    batch: an editor computes it once and `calibrate_span` starts each
+    calibration pass there (rows × tokens × hidden size, float32 for a
+    float32 model: 9 MB for 4,096 tokens of the embedded model).
+    """
+    if first == 0:
+        return None
+    ids, mask = pad_batch(list(calibration), tokenizer.pad_token_id, input_device(model))
+    name = layout.layer_name(first - 1)
+    with trace(model, [name], outputs=True, stop_after=name) as rec:
+        model(input_ids=ids, attention_mask=mask)
+    return rec[name].output
+
+
+@torch.no_grad()
 def calibrate_span(hooks: "HookLayers", model, tokenizer, layout: Layout, calibration: Sequence[Sequence[int]],
                    batch: Sequence["Request"], false_open: float, false_open_max: float,
-                   subject_share: float = 0.0) -> dict[int, float]:
+                   subject_share: float = 0.0, stream: torch.Tensor | None = None) -> dict[int, float]:
     """The span gate's α per layer: one pass over the held-back general text and the batch's bare prompts,
     with the hooks as they are at inference (`span_threshold` is the rule).
 
+    `stream` (from `calibration_stream`) lets the pass start at the first
+    edited layer: only the batch's prompts run through the layers below it.
     A subject that is its prompt's first token (no start token before it) does not count: its key there
     carries no context and scores like general text, and would drag α down for the whole batch."""
     prompts = [encode_prompt(tokenizer, r.text) for r in batch]
@@ -195,9 +228,19 @@ def calibrate_span(hooks: "HookLayers", model, tokenizer, layout: Layout, calibr
                 for j in [subject_last_index(tokenizer, r.prompt, r.subject)] if j > 0]
     ids, mask = pad_batch(list(calibration) + prompts, tokenizer.pad_token_id, input_device(model))
     last = layout.mlp_out_name(max(hooks.weights))
+    first = min(hooks.weights)
+    replay = nullcontext()
+    if stream is not None:
+        if stream.shape[0] != len(calibration) or stream.shape[1] > ids.shape[1]:
+            raise ValueError(f"the calibration stream ({tuple(stream.shape)}) is not that of this calibration text")
+        head = calibration_stream(model, tokenizer, layout, prompts, first)
+        full = stream.new_zeros((ids.shape[0], ids.shape[1], stream.shape[2]))
+        full[: stream.shape[0], : stream.shape[1]] = stream
+        full[stream.shape[0]:, : head.shape[1]] = head.to(full.device)
+        replay = replay_layers(model, layout, first - 1, lambda: full)
 
     def run() -> None:
-        with trace(model, [last], stop_after=last):
+        with replay, trace(model, [last], stop_after=last):
             model(input_ids=ids, attention_mask=mask)
 
     return hooks.calibrate(run, lambda z: span_threshold(z, len(calibration), subjects, false_open, false_open_max,

@@ -380,8 +380,10 @@ def _calibration_stage(shape: ModelShape, hp: HParams, layers: Sequence[LayerPla
     width = _default(calibration_sample, "seq_len")
     rows = math.ceil(hp.gate_calibration_tokens / width) + size
     d_in = max(l.d_in for l in layers)
+    kept = (rows - size) * width * shape.hidden * b
     return {**new, "a layer's activations and gate scores": _layer_pass(shape, d_in, rows * width, rows, width, b)
-            + rows * width * (shape.hidden + 3 * d_in) * 4}
+            + rows * width * (shape.hidden + 3 * d_in) * 4,
+            "the held-back text's input to the first edited layer (kept by the editor)": kept}
 
 
 # --------------------------------------------------------------------------- what is float64, and the table
