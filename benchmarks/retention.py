@@ -1,0 +1,186 @@
+"""Where reliability goes at scale: the gate, or the written values fading as later batches arrive?
+
+    python benchmarks/retention.py write OUT [--n 1000] [--hparam KEY=VALUE ...]   # ~45 min on 1 CPU thread
+    python benchmarks/retention.py diagnose OUT/1000                                 # ~10 min
+
+`write` edits counterfact-scale.json records 0..n−1 (none in the dev file) in
+consecutive batches of 20 into one editor (WikiText-2 statistics, span gate,
+`v_dtype: bfloat16` for speed unless --hparam says otherwise) and saves the
+state after 200, 500 and n edits, each with `z.pt`: every request's target
+value Z (the output of the last edited layer at the subject's last token of
+the bare prompt that the batch was written to reach).
+
+`diagnose STATE` measures, for every record of that state: teacher-forced
+reliability / generality / locality (as `comeba eval`'s checkpoints); whether
+the gate opens at the subject's last token of the edit prompt at every edited
+layer; and the *retention* of its value, 1 − ‖Z − h‖ / ‖Z − h₀‖ with h the
+last edited layer's output now and h₀ the unedited model's (1: the value as
+written; 0: nothing left). Grouped by the age of the edit (records 0–99 were
+the first batches) and by retention. The gate diagnostics on WikiText-2 test
+text as in `comeba eval`. Writes STATE/retention.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from comeba.compute import forward_from, key_prefixes
+from comeba.corpus import text_corpus
+from comeba.data import load_counterfact
+from comeba.diagnostics import _subject_items, gate_report, general_text_sample, text_pass
+from comeba.editor import Editor
+from comeba.hparams import HParams
+from comeba.models import input_device, load_model
+from comeba.scoring import Settings, evaluate_requests, locality_reference
+from comeba.text import encode_prompt, pad_batch
+import comeba.editor as editor_module
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+SCALE = DATA / "counterfact" / "counterfact-scale.json"
+STATS = DATA / "wikitext-2" / "valid.txt"
+DIAGNOSTICS = DATA / "wikitext-2" / "test.txt"
+PRE = ROOT / "benchmarks" / "results" / "scale" / "1000" / "pre.json"  # the unedited model's answers, records 0..999
+
+
+def write(out: Path, n: int, overrides: dict, threads: int) -> None:
+    torch.set_num_threads(threads)
+    targets: list[torch.Tensor] = []
+    optimise = editor_module.target_values
+
+    def keep(*args, **kwargs):  # the editor's own target values, kept for `diagnose`
+        z = optimise(*args, **kwargs)
+        targets.append(z.detach().cpu().clone())
+        return z
+
+    editor_module.target_values = keep
+    model, tokenizer = load_model("embedded")
+    hp = HParams(**{"v_dtype": "bfloat16", **overrides})
+    editor = Editor(model, tokenizer, config=hp, corpus=text_corpus([STATS]), progress=False)
+    requests = load_counterfact(SCALE, 0, n).requests
+    start = time.time()
+    log = []
+    for i in range(0, n, 20):
+        info = editor.edit(requests[i : i + 20])
+        done = i + 20
+        log.append({"edits": done, "seconds": round(time.time() - start, 1),
+                    "alpha": {l: round(a, 4) for l, a in info["alpha"].items()}})
+        print(json.dumps(log[-1]), flush=True)
+        if done in (200, 500, n):
+            folder = out / str(done)
+            editor.save_pretrained(folder)
+            torch.save(torch.cat(targets), folder / "z.pt")
+            (folder / "written.json").write_text(json.dumps({"hparams": overrides, "threads": threads,
+                                                             "batches": log}, indent=1))
+
+
+def _last_layer_output(model, tokenizer, editor: Editor, requests) -> torch.Tensor:
+    batch = key_prefixes(tokenizer, requests, ["{}"], input_device(model))
+    name = editor.layout.layer_name(editor.hparams.layers[-1])
+    return forward_from(model, editor.layout, batch, 0, None, name, inputs=False)[:, -1].double()
+
+
+@torch.no_grad()
+def _subject_gates(model, tokenizer, editor: Editor, requests) -> torch.Tensor:
+    """(records, layers): does the gate open at the subject's last token of the edit prompt?"""
+    items = _subject_items(tokenizer, requests)[0]
+    hooks = editor.hooks
+    rows_out = []
+    hooks.record(True)
+    try:
+        for s in range(0, len(items), 32):
+            chunk = items[s : s + 32]
+            ids, mask = pad_batch([encode_prompt(tokenizer, t) for t, _ in chunk], tokenizer.pad_token_id,
+                                  input_device(model))
+            model(input_ids=ids, attention_mask=mask)
+            rows = torch.arange(len(chunk), device=ids.device)
+            idx = torch.tensor([i for _, i in chunk], device=ids.device)
+            rows_out.append(torch.stack([hooks.records[l].gate[rows, idx] for l in sorted(hooks.records)], 1))
+    finally:
+        hooks.record(False)
+    return torch.cat(rows_out).bool().cpu()
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(sum(values) / len(values), 1) if values else None
+
+
+def diagnose(state: Path, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    model, tokenizer = load_model("embedded")
+    editor = Editor.from_pretrained(model, tokenizer, state, progress=False)
+    n = editor.n_edits
+    requests = load_counterfact(SCALE, 0, n).requests
+    reference = (json.loads(PRE.read_text())["reference"][:n] if PRE.exists() and n <= 1000
+                 else locality_reference(model, tokenizer, requests))
+    z = torch.load(state / "z.pt").double()
+    h0 = _last_layer_output(model, tokenizer, editor, requests)
+    sample = general_text_sample(tokenizer, DIAGNOSTICS)
+    ppl0 = float(text_pass(model, tokenizer, sample, None)["perplexity"])
+    with editor.applied():
+        report = gate_report(model, tokenizer, sample, editor.hooks, requests, ppl0)
+        gates = _subject_gates(model, tokenizer, editor, requests)
+        records = evaluate_requests(model, tokenizer, requests, reference,
+                                    Settings(counterfact=True, generation=False, fluency_tokens=0), full=False)
+        h = _last_layer_output(model, tokenizer, editor, requests)
+    retention = 1 - (z - h).norm(dim=1) / (z - h0).norm(dim=1)
+    open_all = gates.all(1)
+    reliability = torch.tensor([r["reliability"] for r in records], dtype=torch.float64)
+    out = {"state": str(state), "edits": n, "alpha": {l: s.alpha for l, s in editor.layers.items()},
+           "metrics": {k: _mean(r[k] for r in records) for k in ("reliability", "generality", "locality")},
+           "gate_report": report,
+           "subjects_open_at_every_layer": round(100 * float(open_all.double().mean()), 1),
+           "reliability_where_open": _mean(reliability[open_all].tolist()),
+           "reliability_where_some_layer_shut": _mean(reliability[~open_all].tolist()),
+           "retention_median_where_open": round(float(retention[open_all].median()), 3),
+           "by_age": [], "by_retention": []}
+    for lo in range(0, n, 100):
+        sl = slice(lo, min(n, lo + 100))
+        o = open_all[sl]
+        out["by_age"].append({"records": f"{lo}-{sl.stop - 1}",
+                              **{k: _mean(r[k] for r in records[sl]) for k in ("reliability", "generality", "locality")},
+                              "open_at_every_layer": round(100 * float(o.double().mean()), 1),
+                              "reliability_where_open": _mean(reliability[sl][o].tolist()),
+                              "retention_median_where_open": round(float(retention[sl][o].median()), 3)})
+    for lo, hi in ((-1e9, 0.5), (0.5, 0.7), (0.7, 0.8), (0.8, 0.9), (0.9, 1.01)):
+        m = (retention >= lo) & (retention < hi)
+        out["by_retention"].append({"retention": f"[{lo:g}, {hi:g})" if lo > -1e8 else f"below {hi:g}", "records": int(m.sum()),
+                                    "reliability": _mean(reliability[m].tolist())})
+    (state / "retention.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("write")
+    w.add_argument("out")
+    w.add_argument("--n", type=int, default=1000)
+    w.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE", help="YAML value, e.g. "
+                   "mom2_update_weight=100")
+    w.add_argument("--threads", type=int, default=1)
+    d = sub.add_parser("diagnose")
+    d.add_argument("state")
+    d.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    if args.command == "write":
+        import yaml
+        if args.n % 20 or args.n < 20:
+            p.error("--n must be a positive multiple of 20 (the batch size)")
+        overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.hparam)}
+        write(Path(args.out), args.n, overrides, args.threads)
+    else:
+        out = diagnose(Path(args.state), args.threads)
+        print(json.dumps({k: v for k, v in out.items() if k != "gate_report"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
