@@ -82,7 +82,7 @@ def start_cell(args, dataset: str, optimizer: str, dtype: str, variant: str, out
     folder.mkdir(parents=True, exist_ok=True)
     extra = "".join(f"{k}: {v}\n" for k, v in args.variants[variant].items())
     (folder.parent / f"{folder.name}.yaml").write_text(f"v_optimizer: {optimizer}\nv_dtype: {dtype}\n{extra}")
-    cmd = ["comeba", "eval", "--method", "comeba", "--protocol", "consecutive",
+    cmd = [sys.executable, "-m", "comeba", "eval", "--method", "comeba", "--protocol", "consecutive",
            "--data", f"{dataset}:{DATA / DATASETS[dataset]}", "--n", str(args.n), "--batch-size", "20",
            "--checkpoint-every", "5", "--pre-cache", str(ROOT / "benchmarks" / "results" / "table" / "runs" / f"{dataset}-pre.json"),
            "--stats-text", str(DATA / "wikitext-2" / "valid.txt"), "--stats-tokens", "100000", "--gate", "span",
