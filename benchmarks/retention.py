@@ -33,12 +33,11 @@ import torch
 from comeba.compute import forward_from, key_prefixes
 from comeba.corpus import text_corpus
 from comeba.data import load_counterfact
-from comeba.diagnostics import _subject_items, gate_report, general_text_sample, text_pass
+from comeba.diagnostics import gate_report, general_text_sample, subject_gates, subject_items, text_pass
 from comeba.editor import Editor
 from comeba.hparams import HParams
 from comeba.models import input_device, load_model
 from comeba.scoring import Settings, evaluate_requests, locality_reference
-from comeba.text import encode_prompt, pad_batch
 import comeba.editor as editor_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,27 +85,6 @@ def _last_layer_output(model, tokenizer, editor: Editor, requests) -> torch.Tens
     return forward_from(model, editor.layout, batch, 0, None, name, inputs=False)[:, -1].double()
 
 
-@torch.no_grad()
-def _subject_gates(model, tokenizer, editor: Editor, requests) -> torch.Tensor:
-    """(records, layers): does the gate open at the subject's last token of the edit prompt?"""
-    items = _subject_items(tokenizer, requests)[0]
-    hooks = editor.hooks
-    rows_out = []
-    hooks.record(True)
-    try:
-        for s in range(0, len(items), 32):
-            chunk = items[s : s + 32]
-            ids, mask = pad_batch([encode_prompt(tokenizer, t) for t, _ in chunk], tokenizer.pad_token_id,
-                                  input_device(model))
-            model(input_ids=ids, attention_mask=mask)
-            rows = torch.arange(len(chunk), device=ids.device)
-            idx = torch.tensor([i for _, i in chunk], device=ids.device)
-            rows_out.append(torch.stack([hooks.records[l].gate[rows, idx] for l in sorted(hooks.records)], 1))
-    finally:
-        hooks.record(False)
-    return torch.cat(rows_out).bool().cpu()
-
-
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return round(sum(values) / len(values), 1) if values else None
@@ -126,7 +104,8 @@ def diagnose(state: Path, threads: int) -> dict:
     ppl0 = float(text_pass(model, tokenizer, sample, None)["perplexity"])
     with editor.applied():
         report = gate_report(model, tokenizer, sample, editor.hooks, requests, ppl0)
-        gates = _subject_gates(model, tokenizer, editor, requests)
+        opened = subject_gates(model, tokenizer, editor.hooks, subject_items(tokenizer, requests)[0])
+        gates = torch.stack([opened[l] for l in sorted(opened)], 1)  # (records, layers)
         records = evaluate_requests(model, tokenizer, requests, reference,
                                     Settings(counterfact=True, generation=False, fluency_tokens=0), full=False)
         h = _last_layer_output(model, tokenizer, editor, requests)

@@ -89,7 +89,7 @@ def text_pass(model, tokenizer, sample: TextSample, hooks: HookLayers | None = N
     return out
 
 
-def _subject_items(tokenizer, requests: Sequence[Request]) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+def subject_items(tokenizer, requests: Sequence[Request]) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """(text, subject's last token) of each edit prompt, and of each rephrasing that holds the subject once."""
     edits = [(r.text, subject_last_index(tokenizer, r.prompt, r.subject)) for r in requests]
     rephrases = []
@@ -104,28 +104,37 @@ def _subject_items(tokenizer, requests: Sequence[Request]) -> tuple[list[tuple[s
 
 
 @torch.no_grad()
+def subject_gates(model, tokenizer, hooks: HookLayers, items: Sequence[tuple[str, int]],
+                  batch_size: int = 32) -> dict[int, torch.Tensor]:
+    """Per gated layer, whether the gate opens at each item's position ((text, position) pairs, as
+    `subject_items` gives them): a bool vector over the items, on the CPU."""
+    device = input_device(model)
+    opened: dict[int, list[torch.Tensor]] = {}
+    hooks.record(True)
+    try:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            ids, mask = pad_batch([encode_prompt(tokenizer, t) for t, _ in chunk], tokenizer.pad_token_id, device)
+            model(input_ids=ids, attention_mask=mask)
+            rows = torch.arange(len(chunk), device=device)
+            idx = torch.tensor([i for _, i in chunk], device=device)
+            for layer, rec in hooks.records.items():
+                opened.setdefault(layer, []).append(rec.gate[rows, idx].bool().cpu())
+    finally:
+        hooks.record(False)
+    return {l: torch.cat(v) for l, v in opened.items()}
+
+
 def subject_open_rates(model, tokenizer, hooks: HookLayers, requests: Sequence[Request],
                        batch_size: int = 32) -> dict[str, dict[int, float]]:
     """Per layer, the share (percent) of edited subjects' last tokens where the gate opens: edit prompts, rephrasings."""
-    device = input_device(model)
     out: dict[str, dict[int, float]] = {}
-    for kind, items in zip(("edit", "rephrase"), _subject_items(tokenizer, requests)):
+    for kind, items in zip(("edit", "rephrase"), subject_items(tokenizer, requests)):
         if not items:
             continue
-        hits: dict[int, int] = {}
-        hooks.record(True)
-        try:
-            for start in range(0, len(items), batch_size):
-                chunk = items[start : start + batch_size]
-                ids, mask = pad_batch([encode_prompt(tokenizer, t) for t, _ in chunk], tokenizer.pad_token_id, device)
-                model(input_ids=ids, attention_mask=mask)
-                rows = torch.arange(len(chunk), device=device)
-                idx = torch.tensor([i for _, i in chunk], device=device)
-                for layer, rec in hooks.records.items():
-                    hits[layer] = hits.get(layer, 0) + int(rec.gate[rows, idx].sum())
-        finally:
-            hooks.record(False)
-        out[kind] = {l: 100.0 * hits.get(l, 0) / len(items) for l in sorted(hooks.weights) if hooks.gated[l]}
+        opened = subject_gates(model, tokenizer, hooks, items, batch_size)
+        out[kind] = {l: 100.0 * int(opened[l].sum()) / len(items) if l in opened else 0.0
+                     for l in sorted(hooks.weights) if hooks.gated[l]}
     return out
 
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .compute import replay_layers
+from .compute import Aligned, forward_from, replay_layers
 from .models import Layout, input_device
 from .text import encode_prompt, pad_batch, subject_last_index
 from .trace import trace
@@ -205,11 +205,8 @@ def calibration_stream(model, tokenizer, layout: Layout, calibration: Sequence[S
     """
     if first == 0:
         return None
-    ids, mask = pad_batch(list(calibration), tokenizer.pad_token_id, input_device(model))
-    name = layout.layer_name(first - 1)
-    with trace(model, [name], outputs=True, stop_after=name) as rec:
-        model(input_ids=ids, attention_mask=mask)
-    return rec[name].output
+    batch = Aligned.make(calibration, [0] * len(calibration), tokenizer.pad_token_id, input_device(model))
+    return forward_from(model, layout, batch, 0, None, layout.layer_name(first - 1), inputs=False)
 
 
 @torch.no_grad()
