@@ -44,13 +44,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--optimizers", nargs="+", choices=("lbfgs", "adam"), default=["lbfgs", "adam"])
     p.add_argument("--v-dtypes", nargs="+", choices=("float32", "bfloat16"), default=["float32"])
     p.add_argument("--jobs", type=int, default=1, help="cells run at once (each then gets 2 // jobs threads)")
+    p.add_argument("--threads", type=int, help="threads per cell (default 2 // jobs)")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results" / "speed"))
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[;KEY=VALUE]",
                    help="also run each cell with these hparams (YAML values), as cell <cell>-NAME")
+    p.add_argument("--only-variants", action="store_true", help="run only the --variant cells, not the default ones")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
-    args.variants = {"": {}}
+    args.variants = {} if args.only_variants else {"": {}}
     for spec in args.variant:
         name, _, body = spec.partition(":")
         if not name or not body or not name.replace("-", "").replace("_", "").isalnum():
@@ -91,7 +93,7 @@ def start_cell(args, dataset: str, optimizer: str, dtype: str, variant: str, out
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from machine import git_commit
 
-    threads = max(1, 2 // args.jobs)
+    threads = args.threads or max(1, 2 // args.jobs)
     (folder.parent / f"{folder.name}.json").write_text(json.dumps({"command": cmd, "commit": git_commit(),
                                                                     "threads": threads, "jobs": args.jobs}, indent=1))
     print(f"{folder.name}: {' '.join(cmd)}", flush=True)
