@@ -14,7 +14,8 @@ from comeba.diagnostics import TextSample, gate_report, general_text_sample, sub
 from comeba.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EDITING_STATE, StateError
 from comeba.editor import Editor
 from comeba.evaluate import Settings, evaluate
-from comeba.gate import SpanGate, calibrate_span, calibrated_threshold, span_gate, span_scores
+from comeba.gate import (Remembered, SpanGate, calibrate_span, calibrated_threshold, remember, span_gate, span_scores,
+                         span_threshold)
 from comeba.hooks import HookLayers, LayerState
 from comeba.hparams import HParams
 from comeba.models import cache_kwarg, detect_layout
@@ -22,7 +23,8 @@ from comeba.requests import make_requests
 from comeba.corpus import text_corpus
 from comeba.text import pad_batch
 from tiny import ARCHS
-from test_editor import HP, R1, R2, R3, UNRELATED, _logits, _p_first, _write_v1
+from test_editor import HP, R1, R2, R3, R4, UNRELATED, _logits, _p_first, _write_v1
+from comeba.text import encode_prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread", "shared_comeba_home")
 
@@ -462,6 +464,109 @@ def test_span_editor_edits_take_and_opens_on_a_share_eps_of_its_calibration_text
         # R2 (the batch just written) opens every layer (the subject floor); R1 may have been shut at a layer by
         # the later α when the calibration text is small (without ../shared/data it is ~400 tokens)
         assert set(rates["edit"]) == set(editor.layers) and all(v >= 50.0 for v in rates["edit"].values())
+
+
+def _town(i: int) -> dict:
+    return {"prompt": f"The mayor of Town{i} is", "subject": f"Town{i}", "target_new": "Smith"}
+
+
+def test_remember_keeps_a_fixed_size_uniform_sample_of_every_edit(tokenizer):
+    """Reservoir sampling: the first `size` edits in order, then each later edit replaces a random slot with
+    probability size / (edits so far), so every edit is kept with the same probability, whatever its age."""
+    from comeba.text import encode_prompt
+
+    batches = [make_requests([_town(b * 10 + i) for i in range(10)]) for b in range(30)]
+    ident = {tuple(encode_prompt(tokenizer, r.text)): b * 10 + i for b, batch in enumerate(batches)
+             for i, r in enumerate(batch)}
+    kept_by_age = torch.zeros(3)
+    for seed in range(60):
+        memory: list[Remembered] = []
+        for b, batch in enumerate(batches):
+            memory = remember(memory, batch, tokenizer, seen=10 * b, size=24, seed=seed)
+            assert len(memory) == min(24, 10 * (b + 1))
+            if b == 1:
+                assert [ident[m.ids] for m in memory] == list(range(20))  # the first ones, in order
+        assert len({m.ids for m in memory}) == 24  # no edit twice
+        for m in memory:
+            kept_by_age[ident[m.ids] // 100] += 1
+            assert m.subject > 0
+        again = []
+        for b, batch in enumerate(batches):
+            again = remember(again, batch, tokenizer, seen=10 * b, size=24, seed=seed)
+        assert again == memory  # the draw depends on the seed and the count only (a reload draws the same)
+    share = kept_by_age / kept_by_age.sum()
+    assert torch.all((share - 1 / 3).abs() < 0.06), share  # old and new edits alike (60 × 24 draws)
+    assert remember([], batches[0], tokenizer, seen=0, size=0, seed=0) == []
+    first = make_requests([{"prompt": "{} is the mayor", "subject": "Smith", "target_new": "Bob"}])
+    if subject_index(tokenizer, first[0]) == 0:
+        assert remember([], first, tokenizer, seen=0, size=4, seed=0) == []  # cannot open the gate: not kept
+
+
+def subject_index(tokenizer, r) -> int:
+    from comeba.text import subject_last_index
+
+    return subject_last_index(tokenizer, r.prompt, r.subject)
+
+
+def test_span_threshold_keeps_remembered_subjects_open_down_to_eps_max():
+    torch.manual_seed(0)
+    scores = torch.rand(12, 100) * 0.5  # rows 0..9: general text
+    scores[10, 3] = 0.9  # this batch's subject
+    q, q_max = (calibrated_threshold(scores[:10], e) for e in (1e-3, 5e-3))
+    assert span_threshold(scores, 10, [(10, 3)], 1e-3, 5e-3, 0.0) == pytest.approx(q)
+    for kept, want in ((0.3, q_max), (0.5 * (q + q_max), 0.5 * (q + q_max)), (0.95, q)):
+        scores[11, 2] = kept
+        got = span_threshold(scores, 10, [(10, 3)], 1e-3, 5e-3, 0.0, kept=[(11, 2)])
+        assert got == pytest.approx(want), kept
+    # the floor (ρ times the batch's median) comes from the batch alone
+    scores[11, 2] = 0.1
+    assert span_threshold(scores, 10, [(10, 3)], 1e-3, 5e-3, 0.9, kept=[(11, 2)]) == pytest.approx(0.81)
+    assert span_threshold(scores, 10, [], 1e-3, 5e-3, 0.9, kept=[(11, 2)]) == pytest.approx(q_max)
+
+
+def test_gate_memory_lowers_alpha_for_earlier_subjects_and_survives_save_load(new_editor, make_tiny, tokenizer,
+                                                                              tmp_path):
+    """With `gate_memory`, each calibration also runs the kept earlier prompts: α is at most what keeps their
+    subjects open (down to the ε_max quantile); the memory is saved, reloaded and resumed identically."""
+    editor = new_editor("llama", gate_memory=8)
+    for r in (R1, R2, R3):
+        editor.edit([r])
+    assert [m.ids for m in editor.memory] == [tuple(encode_prompt(tokenizer, x.text)) for x in make_requests([R1, R2, R3])]
+    hp = editor.hparams
+    batch = make_requests([R4])
+    with HookLayers(editor.model, editor.layout, editor.layers) as hooks:
+        args = (hooks, editor.model, tokenizer, editor.layout, editor.calibration, batch, hp.gate_false_open,
+                hp.gate_false_open_max, 0.0)
+        alone = calibrate_span(*args)
+        kept = calibrate_span(*args, memory=editor.memory)
+        hooks.record(True)
+        ids, mask = pad_batch(editor.calibration + [list(m.ids) for m in editor.memory], tokenizer.pad_token_id)
+        with torch.no_grad():
+            editor.model(input_ids=ids, attention_mask=mask)
+        n = len(editor.calibration)
+        for l in hp.layers:
+            assert kept[l] <= alone[l] + 1e-7
+            general = hooks.records[l].scores[:n]
+            floor = calibrated_threshold(general, hp.gate_false_open_max)
+            for i, m in enumerate(editor.memory):  # the hooks now hold α `kept`: each kept subject opens
+                score = float(hooks.records[l].scores[n + i, m.subject])
+                assert score >= kept[l] - 1e-6 or kept[l] == pytest.approx(floor, rel=1e-5), (l, i)
+        hooks.record(False)
+
+    editor.save_pretrained(tmp_path / "state")
+    assert {"memory.ids", "memory.lengths", "memory.subjects"} <= set(load_file(str(tmp_path / "state" / EDITING_STATE)))
+    loaded = Editor.from_pretrained(make_tiny("llama"), tokenizer, tmp_path / "state", progress=False)
+    assert loaded.memory == editor.memory
+    editor.edit([R4])
+    loaded.edit([R4])
+    assert loaded.memory == editor.memory and len(loaded.memory) == 4
+    for l, s in editor.layers.items():
+        assert loaded.layers[l].alpha == pytest.approx(s.alpha, rel=1e-4)
+    # a failed batch leaves the memory as it was
+    before = list(editor.memory)
+    with pytest.raises(Exception):
+        editor.edit([{"prompt": "The mayor of {} is", "subject": "Nowhere", "target_new": "x" * 10_000}])
+    assert editor.memory == before
 
 
 def _assert_same_states(a: Editor, b: Editor) -> None:

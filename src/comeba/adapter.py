@@ -10,7 +10,8 @@ A state folder holds
   ``<module>.gate.whiten`` and ``<module>.gate.span``;
 - ``editor_state.safetensors`` (unless the state was saved as final): what
   further editing needs: ``<module>.c_accu`` (float64), ``<module>.c0``, the
-  gate's calibration text; its JSON metadata holds the context templates and
+  gate's calibration text and memory (``memory.ids``, ``memory.lengths``,
+  ``memory.subjects``: the kept earlier edits' prompts); its JSON metadata holds the context templates and
   the statistics' provenance.
 
 The whole folder is replaced in one step (comeba.files.replacing_directory),
@@ -25,14 +26,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .files import TMP_PREFIX, replacing_directory, sha256_file, writer_lock
-from .gate import SpanGate, span_gate
+from .gate import Remembered, SpanGate, span_gate
 from .hooks import HookLayers, LayerState
 from .models import detect_layout, fingerprint, mlp_out_device, mlp_out_weight, num_layers, same_model
 from .text import pad_batch
@@ -59,6 +60,7 @@ class SavedState:
     layers: dict[int, LayerState]
     editing: dict[str, Any] | None = None
     calibration: list[list[int]] | None = None
+    memory: list[Remembered] | None = None  # the span gate's kept earlier edits (None when not read or final)
 
 
 def _own(name: str) -> bool:
@@ -67,7 +69,7 @@ def _own(name: str) -> bool:
 
 def write_state(directory: str | Path, config: Mapping[str, Any], layers: Mapping[int, LayerState],
                 modules: Mapping[int, str], editing: Mapping[str, Any] | None,
-                calibration: list[list[int]] | None) -> Path:
+                calibration: list[list[int]] | None, memory: Sequence[Remembered] = ()) -> Path:
     """Write a state folder in one step; `editing=None` writes only the inference part (a final state)."""
     directory = Path(directory)
     with writer_lock(directory), replacing_directory(directory, keep=lambda name: not _own(name)) as tmp:
@@ -89,6 +91,11 @@ def write_state(directory: str | Path, config: Mapping[str, Any], layers: Mappin
                 ids, mask = pad_batch(calibration, 0)
                 state["calibration.ids"] = ids
                 state["calibration.lengths"] = mask.sum(1)
+            if memory:
+                ids, mask = pad_batch([list(m.ids) for m in memory], 0)
+                state["memory.ids"] = ids
+                state["memory.lengths"] = mask.sum(1)
+                state["memory.subjects"] = torch.tensor([m.subject for m in memory])
             save_file(state, str(tmp / EDITING_STATE), metadata={"editing": json.dumps(editing, sort_keys=True)})
             files[EDITING_STATE] = sha256_file(tmp / EDITING_STATE)
         full = {**config, "format": FORMAT, "format_version": FORMAT_VERSION, "files": files,
@@ -173,7 +180,7 @@ def _finite(directory: Path, what: str, layer: int, t: torch.Tensor | None) -> N
 
 
 # Settings that states saved before them were made with (so that such a state goes on as it was made).
-EARLIER_DEFAULTS = {"gate_span_beta": 1.0, "gate_layer_mean": False}
+EARLIER_DEFAULTS = {"gate_span_beta": 1.0, "gate_layer_mean": False, "gate_memory": 0}
 
 
 def _read_v2(directory: Path, config: dict[str, Any], editing: bool) -> SavedState:
@@ -205,8 +212,12 @@ def _read_v2(directory: Path, config: dict[str, Any], editing: bool) -> SavedSta
     calibration = None
     if "calibration.ids" in state:
         calibration = [row[: int(n)].tolist() for row, n in zip(state["calibration.ids"], state["calibration.lengths"])]
+    memory = None
+    if editing:
+        memory = [Remembered(tuple(row[: int(n)].tolist()), int(j)) for row, n, j in
+                  zip(state["memory.ids"], state["memory.lengths"], state["memory.subjects"])] if "memory.ids" in state else []
     return SavedState(config, dict(sorted(layers.items())), json.loads(meta["editing"]) if editing else None,
-                      calibration)
+                      calibration, memory)
 
 
 def _read_v1(directory: Path, config: dict[str, Any]) -> SavedState:
@@ -234,7 +245,7 @@ def _read_v1(directory: Path, config: dict[str, Any]) -> SavedState:
         calibration = [row[: int(n)].tolist() for row, n in zip(tensors["calibration.ids"], tensors["calibration.lengths"])]
     converted = {**config, "hparams": hp, "final": False}
     editing = {"context_templates": config["context_templates"], "statistics": config.get("statistics") or {}}
-    return SavedState(converted, layers, editing, calibration)
+    return SavedState(converted, layers, editing, calibration, [])
 
 
 def check_base_model(saved: SavedState, model, directory: str | Path) -> str:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .adapter import StateError, check_base_model, read_state, write_state
 from .compute import accumulate_keys, context_templates, fill_template, solve_update, write_layers
-from .gate import adapt_alpha, batch_gate_maxima, calibrate_span, calibration_stream, span_gate
+from .gate import Remembered, adapt_alpha, batch_gate_maxima, calibrate_span, calibration_stream, remember, span_gate
 from .hooks import HookLayers, LayerState
 from .hparams import HParams
 from .models import (Layout, detect_layout, fingerprint, input_device, mlp_out_device, mlp_out_weight,
@@ -71,7 +71,7 @@ class Editor:
     def _setup(self, model, tokenizer, hparams: HParams, layout: Layout, layers: Mapping[int, LayerState],
                templates: Sequence[str], *, model_fingerprint: str, stats_provenance: Mapping[str, Any] | None = None,
                n_batches: int = 0, n_edits: int = 0, calibration: Sequence[Sequence[int]] | None = None,
-               progress: bool = True) -> None:
+               memory: Sequence[Remembered] = (), progress: bool = True) -> None:
         """An editor from its parts (what creation and loading share); the caller checked the model's layers."""
         self.model = model
         self.tokenizer = tokenizer
@@ -85,6 +85,7 @@ class Editor:
         self.n_edits = n_edits
         self.progress = progress
         self.calibration = [list(map(int, seq)) for seq in calibration] if calibration else []
+        self.memory: list[Remembered] = list(memory)  # the span gate's kept earlier edits (`gate.remember`)
         if hparams.gate == "span":
             if not self.calibration:
                 raise ValueError("the span gate needs held-back general text to calibrate on (calibration)")
@@ -243,9 +244,10 @@ class Editor:
                             self.model, self.tokenizer, self.layout, self.calibration, hp.layers[0]))
                     alphas = calibrate_span(hooks, self.model, self.tokenizer, self.layout, self.calibration, batch,
                                             hp.gate_false_open, hp.gate_false_open_max, hp.gate_subject_share,
-                                            stream=self._calibration_stream[1])
+                                            stream=self._calibration_stream[1], memory=self.memory)
                     for l, a in alphas.items():
                         new[l].alpha = a
+                    memory = remember(self.memory, batch, self.tokenizer, self.n_edits, hp.gate_memory, hp.seed)
             if hp.gate == "reference":
                 # reference — adapted on the unedited model's keys of the batch's bare prompts
                 scores = batch_gate_maxima(self.model, self.tokenizer, self.layout, [r.text for r in batch],
@@ -257,6 +259,8 @@ class Editor:
                 self.attach()
             raise
         self.layers = new
+        if hp.gate == "span":
+            self.memory = memory
         self.n_batches += 1
         self.n_edits += len(batch)
         if was_attached:
@@ -317,7 +321,7 @@ class Editor:
         """
         editing = None if final else {"context_templates": self.templates, "statistics": self.stats_provenance}
         modules = {l: self.layout.mlp_out_name(l) for l in self.layers}
-        return write_state(directory, self.config(), self.layers, modules, editing, self.calibration)
+        return write_state(directory, self.config(), self.layers, modules, editing, self.calibration, self.memory)
 
     @classmethod
     def from_pretrained(cls, model, tokenizer, directory: str | Path, progress: bool = True) -> "Editor":
@@ -340,7 +344,8 @@ class Editor:
         self = cls.__new__(cls)
         self._setup(model, tokenizer, hp, layout, layers, saved.editing["context_templates"], model_fingerprint=fp,
                     stats_provenance=saved.editing.get("statistics"), n_batches=int(saved.config["n_batches"]),
-                    n_edits=int(saved.config["n_edits"]), calibration=saved.calibration, progress=progress)
+                    n_edits=int(saved.config["n_edits"]), calibration=saved.calibration, memory=saved.memory or (),
+                    progress=progress)
         return self
 
 

@@ -25,6 +25,7 @@ score reaches the layer's threshold α. Two gates:
 from __future__ import annotations
 
 import math
+import random
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
@@ -121,9 +122,11 @@ def calibrated_threshold(scores: torch.Tensor, false_open: float) -> float:
 
 
 def span_threshold(scores: torch.Tensor, general_rows: int, subjects: Sequence[tuple[int, int]],
-                   false_open: float, false_open_max: float, subject_share: float = 0.0) -> float:
+                   false_open: float, false_open_max: float, subject_share: float = 0.0,
+                   kept: Sequence[tuple[int, int]] = ()) -> float:
     """The span gate's α from one calibration pass: rows [0, general_rows) are held-back general text,
-    `subjects` the (row, position) of this batch's edited subjects in the rows after them.
+    `subjects` the (row, position) of this batch's edited subjects in the rows after them, `kept` those of
+    earlier edits (the gate's memory, `remember`).
 
     α is the (1 − ε) quantile of the general text, but at least a share ρ
     (`subject_share`) of the median score of the batch's subjects: a key must
@@ -131,20 +134,28 @@ def span_threshold(scores: torch.Tensor, general_rows: int, subjects: Sequence[t
     keeps the gate shut on other subjects that merely end in the same word
     ("… County", "… Airport"), whose scores lie between general text and the
     edits. Below that floor, α is lowered just enough that every subject of
-    the batch opens the gate, but never below the (1 − ε_max) quantile.
+    the batch, and every kept earlier one, opens the gate, but never below
+    the (1 − ε_max) quantile: α may rise as the edited span fills, and
+    without the kept subjects a rise would shut earlier edits unseen.
     """
     general = scores[:general_rows]
     alpha = calibrated_threshold(general, false_open)
-    if subjects:
-        rows = torch.tensor([r for r, _ in subjects], device=scores.device)
-        cols = torch.tensor([c for _, c in subjects], device=scores.device)
-        need = scores[rows, cols].to(torch.float64)
-        need = need[torch.isfinite(need)]
-        if need.numel():
-            floor = subject_share * float(need.median())
-            alpha = max(calibrated_threshold(general, false_open_max), floor,
-                        min(max(alpha, floor), float(need.min())))
+    batch, earlier = _scores_at(scores, subjects), _scores_at(scores, kept)
+    if batch.numel() or earlier.numel():
+        floor = subject_share * float(batch.median()) if batch.numel() else 0.0
+        need = float(torch.cat([batch, earlier]).min())
+        alpha = max(calibrated_threshold(general, false_open_max), floor, min(max(alpha, floor), need))
     return alpha
+
+
+def _scores_at(scores: torch.Tensor, where: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The finite scores at (row, position) pairs, float64."""
+    if not where:
+        return scores.new_zeros(0, dtype=torch.float64)
+    rows = torch.tensor([r for r, _ in where], device=scores.device)
+    cols = torch.tensor([c for _, c in where], device=scores.device)
+    got = scores[rows, cols].to(torch.float64)
+    return got[torch.isfinite(got)]
 
 
 def gate_scores(m: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -212,17 +223,22 @@ def calibration_stream(model, tokenizer, layout: Layout, calibration: Sequence[S
 @torch.no_grad()
 def calibrate_span(hooks: "HookLayers", model, tokenizer, layout: Layout, calibration: Sequence[Sequence[int]],
                    batch: Sequence["Request"], false_open: float, false_open_max: float,
-                   subject_share: float = 0.0, stream: torch.Tensor | None = None) -> dict[int, float]:
-    """The span gate's α per layer: one pass over the held-back general text and the batch's bare prompts,
-    with the hooks as they are at inference (`span_threshold` is the rule).
+                   subject_share: float = 0.0, stream: torch.Tensor | None = None,
+                   memory: Sequence[Remembered] = ()) -> dict[int, float]:
+    """The span gate's α per layer: one pass over the held-back general text, the batch's bare prompts and
+    the remembered earlier ones (`memory`), with the hooks as they are at inference (`span_threshold` is the
+    rule).
 
     `stream` (from `calibration_stream`) lets the pass start at the first
-    edited layer: only the batch's prompts run through the layers below it.
+    edited layer: only the prompts run through the layers below it.
     A subject that is its prompt's first token (no start token before it) does not count: its key there
     carries no context and scores like general text, and would drag α down for the whole batch."""
     prompts = [encode_prompt(tokenizer, r.text) for r in batch]
     subjects = [(len(calibration) + i, j) for i, r in enumerate(batch)
                 for j in [subject_last_index(tokenizer, r.prompt, r.subject)] if j > 0]
+    start = len(calibration) + len(prompts)
+    kept = [(start + i, m.subject) for i, m in enumerate(memory)]
+    prompts += [list(m.ids) for m in memory]
     ids, mask = pad_batch(list(calibration) + prompts, tokenizer.pad_token_id, input_device(model))
     last = layout.mlp_out_name(max(hooks.weights))
     first = min(hooks.weights)
@@ -241,7 +257,41 @@ def calibrate_span(hooks: "HookLayers", model, tokenizer, layout: Layout, calibr
             model(input_ids=ids, attention_mask=mask)
 
     return hooks.calibrate(run, lambda z: span_threshold(z, len(calibration), subjects, false_open, false_open_max,
-                                                         subject_share))
+                                                         subject_share, kept))
+
+
+@dataclass(frozen=True)
+class Remembered:
+    """An earlier edit kept in the span gate's memory: its bare prompt's token ids and its subject's last position."""
+
+    ids: tuple[int, ...]
+    subject: int
+
+
+def remember(memory: Sequence[Remembered], batch: Sequence["Request"], tokenizer, seen: int, size: int,
+             seed: int) -> list[Remembered]:
+    """The gate's memory after `batch`: a uniform sample of at most `size` of every edit so far (reservoir
+    sampling over the `seen` edits before this batch), so its cost stays fixed however many edits pile up.
+
+    Each calibration keeps these subjects open as far as ε_max allows. The
+    draw depends only on `seed` and `seen`: a saved and reloaded editor, or a
+    batch retried after a failure, draws the same. Subjects at their prompt's
+    first token are not kept (they cannot open the gate; `calibrate_span`).
+    """
+    out = list(memory)
+    rng = random.Random(f"comeba-gate-memory:{seed}:{seen}")
+    for i, r in enumerate(batch):
+        j = subject_last_index(tokenizer, r.prompt, r.subject)
+        if j <= 0 or size <= 0:
+            continue
+        item = Remembered(tuple(encode_prompt(tokenizer, r.text)), j)
+        if len(out) < size:
+            out.append(item)
+        else:
+            slot = rng.randint(0, seen + i)
+            if slot < size:
+                out[slot] = item
+    return out
 
 
 @torch.no_grad()

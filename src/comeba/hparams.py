@@ -99,6 +99,10 @@ class HParams:
         False,
         "span gate: gate each layer on the mean of the token's span scores at the edited layers up to it (an "
         "edited subject scores high at all of them, other text rarely does)")
+    gate_memory: int = _setting(
+        0,
+        "span gate: earlier edits (a fixed-size uniform sample of all so far) whose subjects every calibration keeps "
+        "open as far as `gate_false_open_max` allows, besides the batch's own; 0 keeps only the batch's")
     gate_calibration_tokens: int = _setting(
         4096,
         "span gate: tokens of held-back general text (from the statistics corpus, after the tokens C0 used) that "
@@ -159,6 +163,8 @@ class HParams:
             raise HParamsError(f"gate_subject_share must be in [0, 1), got {self.gate_subject_share!r}")
         if not 0 < self.gate_alpha0 < 1:
             raise HParamsError(f"gate_alpha0 must be in (0, 1), got {self.gate_alpha0!r}")
+        if not isinstance(self.gate_memory, int) or isinstance(self.gate_memory, bool) or self.gate_memory < 0:
+            raise HParamsError(f"gate_memory must be an integer >= 0, got {self.gate_memory!r}")
         if not isinstance(self.gate_calibration_tokens, int) or self.gate_calibration_tokens < 16:
             raise HParamsError(f"gate_calibration_tokens must be an integer >= 16, got {self.gate_calibration_tokens!r}")
         if self.mom2_dtype not in ("float32", "float64"):

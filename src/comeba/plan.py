@@ -372,15 +372,16 @@ def _write_stage(shape: ModelShape, hp: HParams, layers: Sequence[LayerPlan], si
 
 def _calibration_stage(shape: ModelShape, hp: HParams, layers: Sequence[LayerPlan], size: int,
                        b: int) -> dict[str, int]:
-    """gate.calibrate_span: a no-grad pass over the held-back text and the batch's prompts, up to the last edited
-    layer, with the old and the new state both held."""
+    """gate.calibrate_span: a no-grad pass over the held-back text, the batch's prompts and the gate's memory,
+    up to the last edited layer, with the old and the new state both held."""
     new = {"new ΔW, C_accu and gate": sum(l.delta + l.c_accu + l.gate for l in layers)}
     if hp.gate != "span":
         return new
     width = _default(calibration_sample, "seq_len")
-    rows = math.ceil(hp.gate_calibration_tokens / width) + size
+    general = math.ceil(hp.gate_calibration_tokens / width)
+    rows = general + size + hp.gate_memory
     d_in = max(l.d_in for l in layers)
-    kept = (rows - size) * width * shape.hidden * b
+    kept = general * width * shape.hidden * b
     return {**new, "a layer's activations and gate scores": _layer_pass(shape, d_in, rows * width, rows, width, b)
             + rows * width * (shape.hidden + 3 * d_in) * 4,
             "the held-back text's input to the first edited layer (kept by the editor)": kept}
