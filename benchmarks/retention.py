@@ -2,6 +2,7 @@
 
     python benchmarks/retention.py write OUT [--n 1000] [--hparam KEY=VALUE ...]   # ~45 min on 1 CPU thread
     python benchmarks/retention.py diagnose OUT/1000                                 # ~10 min
+    python benchmarks/retention.py regate OUT/1000 OUT2 --hparam gate_span_beta=0.1  # then diagnose OUT2
 
 `write` edits counterfact-scale.json records 0..n−1 (none in the dev file) in
 consecutive batches of 20 into one editor (WikiText-2 statistics, span gate,
@@ -18,6 +19,16 @@ last edited layer's output now and h₀ the unedited model's (1: the value as
 written; 0: nothing left). Grouped by the age of the edit (records 0–99 were
 the first batches) and by retention. The gate diagnostics on WikiText-2 test
 text as in `comeba eval`. Writes STATE/retention.json.
+
+`regate STATE OUT` asks what another gate would do with the same written
+edits: it changes only the gate's settings (`gate_span_beta`,
+`gate_layer_mean`, `gate_memory`, the ε's), rebuilds the span gates from the
+saved C0 and C_accu, and calibrates α once, as the last batch's calibration
+would have (its 20 records, and the memory `gate.remember` draws over the
+records before them: a state's own, or the one a state written without would
+have had). Without changes it repeats the state's α. ΔW is
+untouched, so this isolates the gate from the trajectory (a run with the
+gate from the start writes later batches under it too).
 """
 
 from __future__ import annotations
@@ -77,6 +88,47 @@ def write(out: Path, n: int, overrides: dict, threads: int) -> None:
             torch.save(torch.cat(targets), folder / "z.pt")
             (folder / "written.json").write_text(json.dumps({"hparams": overrides, "threads": threads,
                                                              "batches": log}, indent=1))
+
+
+GATE_KEYS = ("gate_span_beta", "gate_layer_mean", "gate_memory", "gate_false_open", "gate_false_open_max",
+             "gate_subject_share")
+
+
+def regate(state: Path, out: Path, overrides: dict, threads: int) -> dict:
+    import dataclasses
+    import shutil
+
+    from comeba.gate import calibrate_span, calibration_stream, remember, span_gate
+    from comeba.hooks import HookLayers
+
+    bad = sorted(set(overrides) - set(GATE_KEYS))
+    if bad:
+        raise SystemExit(f"regate changes only the gate's settings ({', '.join(GATE_KEYS)}), not {', '.join(bad)}")
+    torch.set_num_threads(threads)
+    model, tokenizer = load_model("embedded")
+    editor = Editor.from_pretrained(model, tokenizer, state, progress=False)
+    hp = dataclasses.replace(editor.hparams, **overrides)
+    n = editor.n_edits
+    requests = load_counterfact(SCALE, 0, n).requests
+    editor.memory = []
+    for i in range(0, n - 20, 20):  # the memory the last batch's calibration had (or would have had)
+        editor.memory = remember(editor.memory, requests[i : i + 20], tokenizer, i, hp.gate_memory, hp.seed)
+    editor.hparams = hp
+    for st in editor.layers.values():
+        st.span = span_gate(st.c0, st.c_accu, hp.mom2_update_weight, hp.gate_span_beta)
+    with torch.no_grad(), HookLayers(model, editor.layout, editor.layers, layer_mean=hp.gate_layer_mean) as hooks:
+        stream = calibration_stream(model, tokenizer, editor.layout, editor.calibration, hp.layers[0])
+        alphas = calibrate_span(hooks, model, tokenizer, editor.layout, editor.calibration, requests[n - 20:],
+                                hp.gate_false_open, hp.gate_false_open_max, hp.gate_subject_share, stream=stream,
+                                memory=editor.memory)
+    for l, a in alphas.items():
+        editor.layers[l].alpha = a
+    editor.save_pretrained(out)
+    shutil.copy(state / "z.pt", out / "z.pt")
+    info = {"from": str(state), "changed": overrides, "alpha_before": json.loads((state / "adapter_config.json")
+            .read_text())["modules"], "alpha": alphas, "memory": len(editor.memory)}
+    (out / "regate.json").write_text(json.dumps(info, indent=1))
+    return info
 
 
 def _last_layer_output(model, tokenizer, editor: Editor, requests) -> torch.Tensor:
@@ -145,6 +197,11 @@ def main(argv=None) -> int:
     w.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE", help="YAML value, e.g. "
                    "mom2_update_weight=100")
     w.add_argument("--threads", type=int, default=1)
+    g = sub.add_parser("regate")
+    g.add_argument("state")
+    g.add_argument("out")
+    g.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE")
+    g.add_argument("--threads", type=int, default=1)
     d = sub.add_parser("diagnose")
     d.add_argument("state")
     d.add_argument("--threads", type=int, default=1)
@@ -155,6 +212,10 @@ def main(argv=None) -> int:
             p.error("--n must be a positive multiple of 20 (the batch size)")
         overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.hparam)}
         write(Path(args.out), args.n, overrides, args.threads)
+    elif args.command == "regate":
+        import yaml
+        overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.hparam)}
+        print(json.dumps(regate(Path(args.state), Path(args.out), overrides, args.threads), indent=1))
     else:
         out = diagnose(Path(args.state), args.threads)
         print(json.dumps({k: v for k, v in out.items() if k != "gate_report"}, indent=1))
