@@ -14,8 +14,8 @@ from comeba.diagnostics import TextSample, gate_report, general_text_sample, sub
 from comeba.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EDITING_STATE, StateError
 from comeba.editor import Editor
 from comeba.evaluate import Settings, evaluate
-from comeba.gate import (Remembered, SpanGate, calibrate_span, calibrated_threshold, remember, span_gate, span_scores,
-                         span_threshold)
+from comeba.gate import (Remembered, SpanGate, calibrate_span, calibrated_threshold, remember, span_gate,
+                         span_gate_added, span_scores, span_threshold)
 from comeba.hooks import HookLayers, LayerState
 from comeba.hparams import HParams
 from comeba.models import cache_kwarg, detect_layout
@@ -136,6 +136,34 @@ def test_span_gate_reuses_an_earlier_whitening_of_the_same_c0():
     assert torch.allclose(span_scores(probe, reused), span_scores(probe, fresh), atol=1e-5)
     with pytest.raises(ValueError, match="does not fit C0"):
         span_gate(c0, c_accu, lam, whiten=first.whiten[:-1, :-1])
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.1])
+def test_span_gate_added_equals_the_full_span_gate(beta):
+    """A batch's keys update the gate by Woodbury from the gate before: over 30 batches it stays the gate of
+    the accumulated C_accu to float32 rounding (each update starts from the stored float32 H)."""
+    d, lam = 48, 1000.0
+    c0 = _spd(d, 3).float()
+    c_accu = lam * c0.double()
+    gate = full = span_gate(c0, c_accu, lam, beta)
+    for b in range(30):
+        keys = _keys(c0.double(), 5, 100 + b).float() * (1 + b % 4)
+        c_accu = c_accu + keys.double().T @ keys.double()
+        gate = span_gate_added(gate, keys, beta)
+        full = span_gate(c0, c_accu, lam, beta, whiten=full.whiten)
+        assert gate.whiten is not None and gate.span.dtype == torch.float32
+        torch.testing.assert_close(gate.span, full.span, rtol=0, atol=2e-6)
+    assert float(full.span.diagonal().max()) > 0.5  # the edited directions are well inside the span by then
+
+
+def test_editor_span_gates_are_those_of_its_accumulated_keys(new_editor):
+    editor = new_editor("llama")
+    for r in (R1, R2, R3):
+        editor.edit([r])
+    hp = editor.hparams
+    for l, st in editor.layers.items():
+        full = span_gate(st.c0, st.c_accu, hp.mom2_update_weight, hp.gate_span_beta)
+        torch.testing.assert_close(st.span.span, full.span, rtol=0, atol=1e-5)
 
 
 def test_no_accumulated_keys_scores_zero():

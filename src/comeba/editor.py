@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from . import __version__
 from .adapter import StateError, check_base_model, read_state, write_state
 from .compute import accumulate_keys, context_templates, fill_template, solve_update, write_layers
-from .gate import Remembered, adapt_alpha, batch_gate_maxima, calibrate_span, calibration_stream, remember, span_gate
+from .gate import (Remembered, adapt_alpha, batch_gate_maxima, calibrate_span, calibration_stream, remember,
+                   span_gate, span_gate_added)
 from .hooks import HookLayers, LayerState
 from .hparams import HParams
 from .models import (Layout, detect_layout, fingerprint, input_device, mlp_out_device, mlp_out_weight,
@@ -226,9 +227,9 @@ class Editor:
                     state = new[layer]
                     state.delta = state.delta + delta.to(state.delta)
                     state.c_accu = accumulate_keys(state.c_accu, keys)
-                    if state.c0 is not None:
-                        state.span = span_gate(state.c0, state.c_accu, hp.mom2_update_weight, hp.gate_span_beta,
-                                               whiten=state.span.whiten if state.span is not None else None)
+                    if state.c0 is not None:  # the span gate of the new C_accu: a rank-n update of the old one
+                        state.span = (span_gate_added(state.span, keys, hp.gate_span_beta) if state.span is not None
+                                      else span_gate(state.c0, state.c_accu, hp.mom2_update_weight, hp.gate_span_beta))
                     # validated from here on, with the previous batch's α (as the reference)
                     hooks.set(layer, state.copy())
 

@@ -92,6 +92,27 @@ def span_gate(c0: torch.Tensor, c_accu: torch.Tensor, lam: float, beta: float = 
     return SpanGate(whiten.to(torch.float32), h.to(torch.float32))
 
 
+def span_gate_added(gate: SpanGate, keys: torch.Tensor, beta: float = 1.0) -> SpanGate:
+    """The span gate after `keys` (n, d_in) join C_accu, from the gate before them.
+
+    With M = (βI + S_w)⁻¹ = (I − H)/β, new keys add V Vᵀ (V = P Kᵀ) to S_w and
+    M changes by a rank-n update (Woodbury, float64): O(d_in² n) where
+    `span_gate` costs O(d_in³) — a batch's span gates became a rounding error
+    of its time. Equal to `span_gate` on the new C_accu up to the float32
+    rounding of the stored H, which each update starts from.
+    """
+    whiten = gate.whiten.to(torch.float64)
+    eye = torch.eye(whiten.shape[0], dtype=torch.float64, device=whiten.device)
+    v = whiten @ keys.to(whiten).T
+    m = (eye - gate.span.to(torch.float64)) / beta
+    m = 0.5 * (m + m.T)
+    mv = m @ v
+    inner = torch.eye(v.shape[1], dtype=torch.float64, device=v.device) + v.T @ mv
+    m = m - mv @ torch.cholesky_solve(mv.T, torch.linalg.cholesky(0.5 * (inner + inner.T)))
+    h = eye - beta * m
+    return SpanGate(gate.whiten, (0.5 * (h + h.T)).to(torch.float32))
+
+
 def _cholesky_with_jitter(a: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
     """Cholesky factor of a symmetric PSD matrix; a C0 from little text can be singular, so add the
     smallest ridge (relative to its mean diagonal) that makes it positive definite."""
