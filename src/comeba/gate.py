@@ -95,22 +95,19 @@ def span_gate(c0: torch.Tensor, c_accu: torch.Tensor, lam: float, beta: float = 
 def span_gate_added(gate: SpanGate, keys: torch.Tensor, beta: float = 1.0) -> SpanGate:
     """The span gate after `keys` (n, d_in) join C_accu, from the gate before them.
 
-    With M = (βI + S_w)⁻¹ = (I − H)/β, new keys add V Vᵀ (V = P Kᵀ) to S_w and
-    M changes by a rank-n update (Woodbury, float64): O(d_in² n) where
-    `span_gate` costs O(d_in³) — a batch's span gates became a rounding error
-    of its time. Equal to `span_gate` on the new C_accu up to the float32
-    rounding of the stored H, which each update starts from.
+    New keys add V Vᵀ (V = P Kᵀ, whitened) to S_w, and by the Woodbury
+    identity H = I − β(βI + S_w)⁻¹ grows by β·MV (I + VᵀMV)⁻¹ (MV)ᵀ with
+    MV = (V − HV)/β: O(d_in² n) in float64, where `span_gate` costs O(d_in³) —
+    a batch's span gates became a rounding error of its time. Equal to
+    `span_gate` on the new C_accu up to the float32 rounding of the stored H,
+    which each update starts from.
     """
-    whiten = gate.whiten.to(torch.float64)
-    eye = torch.eye(whiten.shape[0], dtype=torch.float64, device=whiten.device)
-    v = whiten @ keys.to(whiten).T
-    m = (eye - gate.span.to(torch.float64)) / beta
-    m = 0.5 * (m + m.T)
-    mv = m @ v
-    inner = torch.eye(v.shape[1], dtype=torch.float64, device=v.device) + v.T @ mv
-    m = m - mv @ torch.cholesky_solve(mv.T, torch.linalg.cholesky(0.5 * (inner + inner.T)))
-    h = eye - beta * m
-    return SpanGate(gate.whiten, (0.5 * (h + h.T)).to(torch.float32))
+    h = gate.span.to(torch.float64)
+    v = gate.whiten.to(torch.float64) @ keys.to(h).T
+    mv = (v - h @ v) / beta
+    inner = torch.eye(v.shape[1], dtype=h.dtype, device=h.device) + v.T @ mv
+    w = torch.linalg.solve_triangular(torch.linalg.cholesky(0.5 * (inner + inner.T)), mv.T, upper=False)
+    return SpanGate(gate.whiten, (h + beta * (w.T @ w)).to(torch.float32))
 
 
 def _cholesky_with_jitter(a: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
