@@ -57,7 +57,7 @@ class HParams:
         25,
         "at most this many forward/backward passes per request in the target-value optimisation")
     v_dtype: str = _setting(
-        "float32",
+        "auto",
         "precision of the layers above l_n while the target values are optimised: `float32`, `bfloat16` (their "
         "projections; attention, norms, head, keys and solves stay float32) or `auto` (bfloat16 where the device "
         "has bfloat16 matrix units: a CPU with AMX or AVX-512 BF16, a CUDA GPU with bf16); bfloat16 is 1.2–1.6× "
@@ -109,8 +109,9 @@ class HParams:
         "α is calibrated on, once per batch")
     gate_alpha0: float = _setting(0.1, "span gate: α while the first batch is written, before the first calibration")
     context_template_length: int = _setting(10, "tokens of each generated context prefix")
-    context_template_prefixes: list[str] = _setting(factory=lambda: ["The", "Therefore", "Because", "I", "You"],
-                                                    help="seeds of the context prefixes")
+    context_template_prefixes: list[str] = _setting(factory=lambda: ["The", "Therefore"],
+                                                    help="seeds of the context prefixes (with the bare prompt, one "
+                                                    "template more than prefixes; see [Speed](#speed))")
     batch_size: int = _setting(30, "edits per consecutive batch (CLI `--batch-size`)")
     seed: int = _setting(0, "seed of the context templates and the sampled-text corpus")
     # AlphaEdit (baseline only; see comeba.alphaedit). The null space of C0 keeps the
