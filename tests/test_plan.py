@@ -171,3 +171,19 @@ def test_bfloat16_target_values_count_the_copies_of_the_later_projections(make_t
     later = [model.get_submodule(layout.layer_name(l)) for l in range(hp.layers[-1] + 1, num_layers(model, layout))]
     expected = sum(p.numel() * 2 for m in later for p in m.parameters() if p.dim() == 2)
     assert _values_stage(shape, hp.replace(v_dtype="bfloat16"), 4, 4, suffix=6, prefix=12, target=3)[part] == expected
+
+
+def test_gate_memory_adds_its_prompts_to_the_calibration_pass(make_tiny):
+    """The calibration pass also runs the gate's remembered prompts: its activations grow with gate_memory,
+    while the kept stream of the held-back text does not."""
+    from comeba.plan import _calibration_stage, _layer_plan
+
+    model = make_tiny("llama")
+    hp, shape = HParams(**HP), ModelShape.from_model(model)
+    layers = [_layer_plan(l, *shape.mlp_out[l], hp) for l in hp.layers]
+    without = _calibration_stage(shape, hp, layers, 4, 4)
+    with_memory = _calibration_stage(shape, hp.replace(gate_memory=64), layers, 4, 4)
+    stream = "the held-back text's input to the first edited layer (kept by the editor)"
+    assert with_memory[stream] == without[stream]
+    part = "a layer's activations and gate scores"
+    assert with_memory[part] > without[part]

@@ -26,6 +26,7 @@ from .models import detect_layout, mlp_out_weight, num_layers
 
 SOLVE_TEMPS = 3  # float64 d_in × d_in live at once in compute.solve_update (measured: 3.06)
 SPAN_GATE_TEMPS = 8  # float64 d_in × d_in live at once in gate.span_gate beyond its float32 results (measured: 9.2 − 1)
+SPAN_UPDATE_TEMPS = 4  # the same in gate.span_gate_added (counted: H and P in float64, the update, their sum)
 # Assumed prompt sizes, in tokens (SmolLM2's tokenizer, the default context templates, 32 requests at a time):
 SUFFIX_TOKENS = 6  # padded suffix per rewriting sequence: CounterFact 4.4-5.3, zsRE 5.3-6.2
 PREFIX_TOKENS = 28  # the longest prefix (context template + the prompt up to the subject): 20-28
@@ -363,7 +364,7 @@ def _write_stage(shape: ModelShape, hp: HParams, layers: Sequence[LayerPlan], si
         "a key pass": rows * prefix * widest.d_in * b
         + _layer_pass(shape, widest.d_in, min(rows * prefix, TOKENS_PER_PASS), rows, prefix, b),
         "float64 temporaries of the solve": SOLVE_TEMPS * square + widest.d_out * widest.d_in * 8,
-        "float64 temporaries of the span gate": SPAN_GATE_TEMPS * square if hp.gate == "span" else 0}
+        "float64 temporaries of the span gate's update": SPAN_UPDATE_TEMPS * square if hp.gate == "span" else 0}
     name = max(transient, key=transient.get)
     return {"new ΔW, C_accu and gate (the old kept for a rollback)": sum(l.delta + l.c_accu + l.gate for l in layers),
             name: transient[name],
