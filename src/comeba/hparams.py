@@ -102,7 +102,8 @@ class HParams:
     gate_memory: int = _setting(
         0,
         "span gate: earlier edits (a fixed-size uniform sample of all so far) whose subjects every calibration keeps "
-        "open as far as `gate_false_open_max` allows, besides the batch's own; 0 keeps only the batch's")
+        "open as far as `gate_false_open_max` allows, besides the batch's own; 0 keeps only the batch's (128 at 1,000 "
+        "edits cost 13 points of locality for 0.6 of reliability: see [The gate](#the-gate))")
     gate_calibration_tokens: int = _setting(
         4096,
         "span gate: tokens of held-back general text (from the statistics corpus, after the tokens C0 used) that "
