@@ -95,7 +95,6 @@ GATE_KEYS = ("gate_span_beta", "gate_layer_mean", "gate_memory", "gate_false_ope
 
 
 def regate(state: Path, out: Path, overrides: dict, threads: int) -> dict:
-    import dataclasses
     import shutil
 
     from comeba.gate import calibrate_span, calibration_stream, remember, span_gate
@@ -107,7 +106,7 @@ def regate(state: Path, out: Path, overrides: dict, threads: int) -> dict:
     torch.set_num_threads(threads)
     model, tokenizer = load_model("embedded")
     editor = Editor.from_pretrained(model, tokenizer, state, progress=False)
-    hp = dataclasses.replace(editor.hparams, **overrides)
+    hp = editor.hparams.replace(**overrides)
     n = editor.n_edits
     requests = load_counterfact(SCALE, 0, n).requests
     editor.memory = []

@@ -63,6 +63,17 @@ class SavedState:
     memory: list[Remembered] | None = None  # the span gate's kept earlier edits (None when not read or final)
 
 
+def _padded(name: str, seqs: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Token-id sequences as `<name>.ids` (right-padded) and `<name>.lengths`, as the editing state keeps them."""
+    ids, mask = pad_batch(seqs, 0)
+    return {f"{name}.ids": ids, f"{name}.lengths": mask.sum(1)}
+
+
+def _unpadded(tensors: Mapping[str, torch.Tensor], name: str) -> list[list[int]]:
+    """The sequences `_padded` wrote under `name`."""
+    return [row[: int(n)].tolist() for row, n in zip(tensors[f"{name}.ids"], tensors[f"{name}.lengths"])]
+
+
 def _own(name: str) -> bool:
     return name in _OWN or name.startswith(TMP_PREFIX) or (name.startswith("state-") and name.endswith(".safetensors"))
 
@@ -88,13 +99,9 @@ def write_state(directory: str | Path, config: Mapping[str, Any], layers: Mappin
                 if s.c0 is not None:
                     state[f"{modules[l]}.c0"] = s.c0.detach().cpu().contiguous()
             if calibration:
-                ids, mask = pad_batch(calibration, 0)
-                state["calibration.ids"] = ids
-                state["calibration.lengths"] = mask.sum(1)
+                state.update(_padded("calibration", calibration))
             if memory:
-                ids, mask = pad_batch([list(m.ids) for m in memory], 0)
-                state["memory.ids"] = ids
-                state["memory.lengths"] = mask.sum(1)
+                state.update(_padded("memory", [list(m.ids) for m in memory]))
                 state["memory.subjects"] = torch.tensor([m.subject for m in memory])
             save_file(state, str(tmp / EDITING_STATE), metadata={"editing": json.dumps(editing, sort_keys=True)})
             files[EDITING_STATE] = sha256_file(tmp / EDITING_STATE)
@@ -211,11 +218,11 @@ def _read_v2(directory: Path, config: dict[str, Any], editing: bool) -> SavedSta
         layers[l] = LayerState(delta, float(entry["alpha"]), span, c_accu, c0)
     calibration = None
     if "calibration.ids" in state:
-        calibration = [row[: int(n)].tolist() for row, n in zip(state["calibration.ids"], state["calibration.lengths"])]
+        calibration = _unpadded(state, "calibration")
     memory = None
     if editing:
-        memory = [Remembered(tuple(row[: int(n)].tolist()), int(j)) for row, n, j in
-                  zip(state["memory.ids"], state["memory.lengths"], state["memory.subjects"])] if "memory.ids" in state else []
+        memory = ([Remembered(tuple(ids), int(j)) for ids, j in zip(_unpadded(state, "memory"), state["memory.subjects"])]
+                  if "memory.ids" in state else [])
     return SavedState(config, dict(sorted(layers.items())), json.loads(meta["editing"]) if editing else None,
                       calibration, memory)
 
@@ -242,7 +249,7 @@ def _read_v1(directory: Path, config: dict[str, Any]) -> SavedState:
     if hp["gate"] == "span":
         if "calibration.ids" not in tensors:
             raise StateError(f"editor state in {directory} lacks the span gate's calibration text")
-        calibration = [row[: int(n)].tolist() for row, n in zip(tensors["calibration.ids"], tensors["calibration.lengths"])]
+        calibration = _unpadded(tensors, "calibration")
     converted = {**config, "hparams": hp, "final": False}
     editing = {"context_templates": config["context_templates"], "statistics": config.get("statistics") or {}}
     return SavedState(converted, layers, editing, calibration, [])
