@@ -672,6 +672,27 @@ def test_span_state_without_its_calibration_text_is_refused(new_editor, make_tin
         Editor.from_pretrained(make_tiny("llama"), tokenizer, tmp_path / "state", progress=False)
 
 
+@pytest.mark.parametrize("drop", ["memory.subjects", "memory.lengths"])
+def test_state_with_part_of_its_gate_memory_is_refused(new_editor, make_tiny, tokenizer, tmp_path, drop):
+    """A memory whose prompts and subject positions do not go together is a StateError naming the part."""
+    editor = new_editor("llama", gate_memory=4)
+    editor.edit([R1, R2])
+    editor.save_pretrained(tmp_path / "state")
+    config = json.loads((tmp_path / "state" / ADAPTER_CONFIG).read_text())
+    path = tmp_path / "state" / EDITING_STATE
+    from safetensors import safe_open
+
+    from comeba.files import sha256_file
+
+    with safe_open(str(path), framework="pt") as fh:
+        metadata = fh.metadata()
+    save_file({k: v for k, v in load_file(str(path)).items() if k != drop}, str(path), metadata=metadata)
+    config["files"][EDITING_STATE] = sha256_file(path)
+    (tmp_path / "state" / ADAPTER_CONFIG).write_text(json.dumps(config))
+    with pytest.raises(StateError, match=drop.replace(".", r"\.")):
+        Editor.from_pretrained(make_tiny("llama"), tokenizer, tmp_path / "state", progress=False)
+
+
 def test_reference_state_without_gate_key_loads_as_reference(new_editor, make_tiny, tokenizer, tmp_path):
     """A state saved before the span gate existed (no gate keys in its hparams) keeps the reference rule."""
     editor = new_editor("llama", gate="reference")

@@ -70,8 +70,15 @@ def _padded(name: str, seqs: list[list[int]]) -> dict[str, torch.Tensor]:
 
 
 def _unpadded(tensors: Mapping[str, torch.Tensor], name: str) -> list[list[int]]:
-    """The sequences `_padded` wrote under `name`."""
-    return [row[: int(n)].tolist() for row, n in zip(tensors[f"{name}.ids"], tensors[f"{name}.lengths"])]
+    """The sequences `_padded` wrote under `name`; a missing or mismatched part is a StateError, not a KeyError."""
+    try:
+        ids, lengths = tensors[f"{name}.ids"], tensors[f"{name}.lengths"]
+    except KeyError as err:
+        raise StateError(f"editor state lacks tensor {err}") from None
+    if ids.dim() != 2 or lengths.shape != (ids.shape[0],) or bool((lengths > ids.shape[1]).any()):
+        raise StateError(f"editor state's {name}.ids {tuple(ids.shape)} and {name}.lengths "
+                         f"{tuple(lengths.shape)} do not match")
+    return [row[: int(n)].tolist() for row, n in zip(ids, lengths)]
 
 
 def _own(name: str) -> bool:
@@ -221,8 +228,13 @@ def _read_v2(directory: Path, config: dict[str, Any], editing: bool) -> SavedSta
         calibration = _unpadded(state, "calibration")
     memory = None
     if editing:
-        memory = ([Remembered(tuple(ids), int(j)) for ids, j in zip(_unpadded(state, "memory"), state["memory.subjects"])]
-                  if "memory.ids" in state else [])
+        memory = []
+        if "memory.ids" in state:
+            sequences, subjects = _unpadded(state, "memory"), state.get("memory.subjects")
+            if subjects is None or subjects.shape != (len(sequences),):
+                raise StateError(f"editor state in {directory} has {len(sequences)} remembered prompts but "
+                                 f"memory.subjects is {'missing' if subjects is None else tuple(subjects.shape)}")
+            memory = [Remembered(tuple(ids), int(j)) for ids, j in zip(sequences, subjects)]
     return SavedState(config, dict(sorted(layers.items())), json.loads(meta["editing"]) if editing else None,
                       calibration, memory)
 

@@ -297,10 +297,12 @@ def remember(memory: Sequence[Remembered], batch: Sequence["Request"], tokenizer
     first token are not kept (they cannot open the gate; `calibrate_span`).
     """
     out = list(memory)
+    if size <= 0:  # the default: nothing to keep, nothing to tokenise
+        return out
     rng = random.Random(f"comeba-gate-memory:{seed}:{seen}")
     for i, r in enumerate(batch):
         j = subject_last_index(tokenizer, r.prompt, r.subject)
-        if j <= 0 or size <= 0:
+        if j <= 0:
             continue
         item = Remembered(tuple(encode_prompt(tokenizer, r.text)), j)
         if len(out) < size:
