@@ -213,9 +213,11 @@ class Editor:
                 if bad:
                     raise EditError(f"the target values of request(s) {_names(batch, bad)} are not finite; "
                                     "nothing was written")
-                # 2. temporary hooks everywhere, then write layer by layer
+                # 2. temporary hooks everywhere (`write_gate: open`, as the reference), or hooks gated as at
+                # inference but open at the subject (`subject`); then write layer by layer
+                at_subject = hp.write_gate == "subject"
                 for l, s in new.items():
-                    hooks.set(l, s, gated=False)
+                    hooks.set(l, s, gated=at_subject, open_last=at_subject)
 
                 def apply(layer: int, delta: torch.Tensor, keys: torch.Tensor) -> None:
                     bad_keys = (~torch.isfinite(keys).all(dim=1)).nonzero().flatten().tolist()
@@ -231,7 +233,7 @@ class Editor:
                         state.span = (span_gate_added(state.span, keys, hp.gate_span_beta) if state.span is not None
                                       else span_gate(state.c0, state.c_accu, hp.mom2_update_weight, hp.gate_span_beta))
                     # validated from here on, with the previous batch's α (as the reference)
-                    hooks.set(layer, state.copy())
+                    hooks.set(layer, state.copy(), open_last=at_subject)
 
                 write_layers(
                     self.model, self.tokenizer, self.layout, batch, hp.layers, self.templates, z,

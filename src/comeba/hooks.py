@@ -71,7 +71,10 @@ class HookLayers:
     """Forward hooks that make a model behave as edited, without touching its weights.
 
     Use as a context manager or call `remove()`. `set(layer, state, gated)`
-    switches a layer between temporary (ungated) and validated (gated) or changes ΔW.
+    switches a layer between temporary (ungated) and validated (gated) or changes ΔW;
+    `open_last=True` gates it as validated but always open at each sequence's
+    last position (the editor's write: the subject's last token, which the
+    batch's own calibration will open).
     `check_cache=False` lets the reference gate continue a KV cache it did not
     fill, with the statistics it has (the editor's value optimisation runs
     suffixes on a cropped prefix cache). `layer_mean=True` gates each span
@@ -87,6 +90,7 @@ class HookLayers:
         self.layout = layout
         self.weights: dict[int, LayerState] = {}
         self.gated: dict[int, bool] = {}
+        self.open_last: dict[int, bool] = {}
         self._cast: dict[int, torch.Tensor] = {}
         self._span: dict[int, SpanGate] = {}
         self._rule: Callable[[torch.Tensor], float] | None = None
@@ -115,7 +119,7 @@ class HookLayers:
         self._top.remove()
         self._top_out.remove()
 
-    def set(self, layer: int, weights: LayerState, gated: bool = True) -> None:
+    def set(self, layer: int, weights: LayerState, gated: bool = True, open_last: bool = False) -> None:
         name = self.layout.mlp_out_name(layer)
         module = get_module(self.model, name)
         # Where the projection computes: its weight's device, or with a model dispatched by accelerate the
@@ -123,6 +127,7 @@ class HookLayers:
         device = module_device(self.model, name)
         self.weights[layer] = weights
         self.gated[layer] = gated
+        self.open_last[layer] = open_last and gated
         # A working copy on the projection's device; the stored ΔW is never cast in place.
         self._cast[layer] = weights.delta.detach().to(device=device, dtype=torch.float32)
         if weights.span is not None:
@@ -280,6 +285,9 @@ class HookLayers:
             z = running.update(m, mask)
             alpha = weights.alpha
         gate = torch.nan_to_num(z.to(torch.float64), nan=-math.inf) >= alpha
+        if self.open_last[layer]:
+            gate = gate.clone()
+            gate[:, -1] = True
         if self.records is not None:
             self.records[layer] = GateRecord(gate.detach(), z.detach(), float(alpha))
         if flat:

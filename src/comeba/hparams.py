@@ -17,6 +17,7 @@ IGNORED_KEYS = {
     "stats_dir", "max_length", "fp16", "mom2_adjustment", "v_loss_layer",
 }
 GATES = ("span", "reference")
+WRITE_GATES = ("open", "subject")
 OPTIMIZERS = ("lbfgs", "adam")
 V_DTYPES = ("float32", "bfloat16", "auto")
 ALIASES = {"mom2_n_samples": "mom2_n_tokens", "threshold": "alpha", "init_alpha": "alpha"}
@@ -104,6 +105,11 @@ class HParams:
         "span gate: earlier edits (a fixed-size uniform sample of all so far) whose subjects every calibration keeps "
         "open as far as `gate_false_open_max` allows, besides the batch's own; 0 keeps only the batch's (128 at 1,000 "
         "edits cost 13 points of locality for 0.6 of reliability: see [The gate](#the-gate))")
+    write_gate: str = _setting(
+        "open",
+        "hooks while a batch is written: `open` (as the reference: every edited layer outputs W_h·k at every token "
+        "until it is written) or `subject` (each layer gated as at inference and open at the subject's last token, "
+        "which the batch's calibration opens: residuals are measured on the model inference will run)")
     gate_calibration_tokens: int = _setting(
         4096,
         "span gate: tokens of held-back general text (from the statistics corpus, after the tokens C0 used) that "
@@ -155,6 +161,8 @@ class HParams:
             raise HParamsError(f"v_dtype must be one of {', '.join(V_DTYPES)}, got {self.v_dtype!r}")
         if self.gate not in GATES:
             raise HParamsError(f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
+        if self.write_gate not in WRITE_GATES:
+            raise HParamsError(f"write_gate must be one of {', '.join(WRITE_GATES)}, got {self.write_gate!r}")
         if not 0 < self.gate_false_open < 1:
             raise HParamsError(f"gate_false_open must be in (0, 1), got {self.gate_false_open!r}")
         if not self.gate_false_open <= self.gate_false_open_max < 1:
