@@ -152,6 +152,16 @@ def test_consecutive_batches_raise_their_targets(new_editor, tokenizer, arch):
             assert math.isfinite(a) and 0 < a < 1, f"layer {l}: alpha {a}"
 
 
+def test_consecutive_batches_raise_their_targets_written_under_the_inference_gate(new_editor, tokenizer):
+    """write_gate: subject — the layers are gated while the batch is written (open at the subject): the edits
+    take and earlier batches keep theirs, as with the reference's ungated write."""
+    editor = new_editor("llama", clamp_norm_factor=20.0, write_gate="subject")
+    alphas = _consecutive_batches(editor, tokenizer)
+    for cur in alphas[1:]:
+        for l, a in cur.items():
+            assert math.isfinite(a) and 0 < a < 1, f"layer {l}: alpha {a}"
+
+
 def test_consecutive_batches_raise_their_targets_reference_gate(new_editor, tokenizer):
     """The reference gate: the same edits take, and α (a z-score) is a running minimum."""
     editor = new_editor("llama", gate="reference")

@@ -477,6 +477,25 @@ def test_layer_mean_gates_on_the_mean_of_the_span_scores_so_far(arch, tiny_model
                            & mask)
 
 
+def test_open_last_opens_only_the_last_position_of_a_shut_gate(arch, tiny_model, tokenizer):
+    """The editor's write (`write_gate: subject`): a gate that shuts everywhere still opens at each sequence's
+    last position; every earlier position keeps the base model's logits exactly."""
+    batch = _batch(tokenizer, PROMPTS[:1])
+    base = _logits(tiny_model, batch)
+    deltas = _deltas(scale=1.0)
+    layout = detect_layout(tiny_model)
+    with HookLayers(tiny_model, layout) as hooks:
+        for l, d in deltas.items():
+            hooks.set(l, LayerState(d, 1e9), open_last=True)
+        hooks.record()
+        hooked = _logits(tiny_model, batch)
+        for l in LAYERS:
+            gate = hooks.records[l].gate
+            assert gate[:, -1].all() and not gate[:, :-1].any()
+    assert torch.equal(hooked[:, :-1], base[:, :-1])
+    assert not torch.allclose(hooked[:, -1], base[:, -1], atol=1e-4)
+
+
 def test_a_cache_seen_by_the_hooks_is_freed_when_dropped(tiny_model, tokenizer):
     """Following beam search's reorders must not tie a cache into a reference cycle: the value optimisation
     deep-copies its prefix cache at every step, and cycles kept those copies until a garbage collection
