@@ -29,6 +29,12 @@ records before them: a state's own, or the one a state written without would
 have had). Without changes it repeats the state's α. ΔW is
 untouched, so this isolates the gate from the trajectory (a run with the
 gate from the start writes later batches under it too).
+
+`capacity STATE` asks how full each edited layer's key space is: the
+eigenvalues of the edited keys' Σ K Kᵀ whitened by C0 (S = C0^-½ Σ K Kᵀ
+C0^-½), counted against λ. A direction with s > λ is one where the edits
+outweigh general text in the solve; a new key can be written cleanly only
+along directions the earlier edits leave free. Writes STATE/capacity.json.
 """
 
 from __future__ import annotations
@@ -187,6 +193,23 @@ def diagnose(state: Path, threads: int) -> dict:
     return out
 
 
+def capacity(state: Path) -> dict:
+    model, tokenizer = load_model("embedded")
+    editor = Editor.from_pretrained(model, tokenizer, state, progress=False)
+    lam = editor.hparams.mom2_update_weight
+    out = {"state": str(state), "edits": editor.n_edits, "lambda": lam, "layers": {}}
+    for l, s in editor.layers.items():
+        c0 = s.c0.double()
+        ev, u = torch.linalg.eigh(c0)
+        w = u @ torch.diag(ev.clamp_min(1e-12).rsqrt()) @ u.T
+        eig = torch.linalg.eigvalsh(w @ (s.c_accu.double() - lam * c0) @ w).flip(0)
+        out["layers"][l] = {"d_in": eig.numel(),
+                            "mean_whitened_key_energy": round(float(eig.sum()) / max(editor.n_edits, 1), 1),
+                            **{f"directions_above_{f:g}_lambda": int((eig > f * lam).sum()) for f in (0.1, 1, 10)}}
+    (state / "capacity.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -204,6 +227,8 @@ def main(argv=None) -> int:
     d = sub.add_parser("diagnose")
     d.add_argument("state")
     d.add_argument("--threads", type=int, default=1)
+    c = sub.add_parser("capacity")
+    c.add_argument("state")
     args = p.parse_args(argv)
     if args.command == "write":
         import yaml
@@ -215,6 +240,8 @@ def main(argv=None) -> int:
         import yaml
         overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.hparam)}
         print(json.dumps(regate(Path(args.state), Path(args.out), overrides, args.threads), indent=1))
+    elif args.command == "capacity":
+        print(json.dumps(capacity(Path(args.state)), indent=1))
     else:
         out = diagnose(Path(args.state), args.threads)
         print(json.dumps({k: v for k, v in out.items() if k != "gate_report"}, indent=1))

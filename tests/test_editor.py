@@ -788,16 +788,16 @@ def test_prompt_with_literal_braces(new_editor, tokenizer):
 
 def test_gate_settings_travel_with_the_saved_state(new_editor, make_tiny, tokenizer, tmp_path):
     """gate_layer_mean and gate_span_beta change the gate: a loaded state applies exactly the editor's gate."""
-    editor = new_editor("llama", gate_layer_mean=True, gate_span_beta=0.1)
+    editor = new_editor("llama", gate_layer_mean=False, gate_span_beta=1.0)  # not the defaults
     editor.edit([R1, R2])
     editor.save_pretrained(tmp_path / "state", final=True)
     texts = UNRELATED[:3] + [R1["prompt"], R2["prompt"]]
     with editor.applied():
-        assert editor.hooks.layer_mean
+        assert not editor.hooks.layer_mean
         want = {t: _logits(editor.model, tokenizer, t) for t in texts}
     fresh = make_tiny("llama")
     edits = load_edits(fresh, tmp_path / "state")
-    assert json.loads((tmp_path / "state" / ADAPTER_CONFIG).read_text())["hparams"]["gate_layer_mean"] is True
+    assert json.loads((tmp_path / "state" / ADAPTER_CONFIG).read_text())["hparams"]["gate_layer_mean"] is False
     for t in texts:
         assert torch.equal(_logits(fresh, tokenizer, t), want[t]), t
     edits.remove()

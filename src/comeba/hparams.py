@@ -93,11 +93,11 @@ class HParams:
         "much less like an edit than the edits themselves (other subjects ending in the same word) keep the gate "
         "shut; 0 turns this floor off")
     gate_span_beta: float = _setting(
-        1.0,
+        0.1,
         "span gate: β in H = S (βI + S)⁻¹, how much whitened edit energy a direction needs to count as edited "
         "(smaller: weaker directions count too)")
     gate_layer_mean: bool = _setting(
-        False,
+        True,
         "span gate: gate each layer on the mean of the token's span scores at the edited layers up to it (an "
         "edited subject scores high at all of them, other text rarely does)")
     gate_memory: int = _setting(
