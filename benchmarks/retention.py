@@ -199,13 +199,15 @@ def capacity(state: Path) -> dict:
     lam = editor.hparams.mom2_update_weight
     out = {"state": str(state), "edits": editor.n_edits, "lambda": lam, "layers": {}}
     for l, s in editor.layers.items():
-        c0 = s.c0.double()
-        ev, u = torch.linalg.eigh(c0)
-        w = u @ torch.diag(ev.clamp_min(1e-12).rsqrt()) @ u.T
-        eig = torch.linalg.eigvalsh(w @ (s.c_accu.double() - lam * c0) @ w).flip(0)
+        if s.span is None:
+            raise SystemExit(f"{state}: capacity needs a span-gate state (C0 and the gate's whitening)")
+        # the gate's own whitening P = L⁻¹ (λC0 = L Lᵀ): S_w = P Σ K Kᵀ Pᵀ has the eigenvalues of
+        # C0^-½ Σ K Kᵀ C0^-½ / λ, so an eigenvalue above 1 is a direction where the edits outweigh λC0
+        p = s.span.whiten.double()
+        eig = torch.linalg.eigvalsh(p @ (s.c_accu.double() - lam * s.c0.double()) @ p.T).flip(0)
         out["layers"][l] = {"d_in": eig.numel(),
-                            "mean_whitened_key_energy": round(float(eig.sum()) / max(editor.n_edits, 1), 1),
-                            **{f"directions_above_{f:g}_lambda": int((eig > f * lam).sum()) for f in (0.1, 1, 10)}}
+                            "mean_whitened_key_energy": round(lam * float(eig.sum()) / max(editor.n_edits, 1), 1),
+                            **{f"directions_above_{f:g}_lambda": int((eig > f).sum()) for f in (0.1, 1, 10)}}
     (state / "capacity.json").write_text(json.dumps(out, indent=1))
     return out
 

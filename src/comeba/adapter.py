@@ -69,14 +69,14 @@ def _padded(name: str, seqs: list[list[int]]) -> dict[str, torch.Tensor]:
     return {f"{name}.ids": ids, f"{name}.lengths": mask.sum(1)}
 
 
-def _unpadded(tensors: Mapping[str, torch.Tensor], name: str) -> list[list[int]]:
+def _unpadded(directory: Path, tensors: Mapping[str, torch.Tensor], name: str) -> list[list[int]]:
     """The sequences `_padded` wrote under `name`; a missing or mismatched part is a StateError, not a KeyError."""
     try:
         ids, lengths = tensors[f"{name}.ids"], tensors[f"{name}.lengths"]
     except KeyError as err:
-        raise StateError(f"editor state lacks tensor {err}") from None
+        raise StateError(f"editor state in {directory} lacks tensor {err}") from None
     if ids.dim() != 2 or lengths.shape != (ids.shape[0],) or bool((lengths > ids.shape[1]).any()):
-        raise StateError(f"editor state's {name}.ids {tuple(ids.shape)} and {name}.lengths "
+        raise StateError(f"editor state in {directory}: {name}.ids {tuple(ids.shape)} and {name}.lengths "
                          f"{tuple(lengths.shape)} do not match")
     return [row[: int(n)].tolist() for row, n in zip(ids, lengths)]
 
@@ -225,12 +225,12 @@ def _read_v2(directory: Path, config: dict[str, Any], editing: bool) -> SavedSta
         layers[l] = LayerState(delta, float(entry["alpha"]), span, c_accu, c0)
     calibration = None
     if "calibration.ids" in state:
-        calibration = _unpadded(state, "calibration")
+        calibration = _unpadded(directory, state, "calibration")
     memory = None
     if editing:
         memory = []
         if "memory.ids" in state:
-            sequences, subjects = _unpadded(state, "memory"), state.get("memory.subjects")
+            sequences, subjects = _unpadded(directory, state, "memory"), state.get("memory.subjects")
             if subjects is None or subjects.shape != (len(sequences),):
                 raise StateError(f"editor state in {directory} has {len(sequences)} remembered prompts but "
                                  f"memory.subjects is {'missing' if subjects is None else tuple(subjects.shape)}")
@@ -261,7 +261,7 @@ def _read_v1(directory: Path, config: dict[str, Any]) -> SavedState:
     if hp["gate"] == "span":
         if "calibration.ids" not in tensors:
             raise StateError(f"editor state in {directory} lacks the span gate's calibration text")
-        calibration = _unpadded(tensors, "calibration")
+        calibration = _unpadded(directory, tensors, "calibration")
     converted = {**config, "hparams": hp, "final": False}
     editing = {"context_templates": config["context_templates"], "statistics": config.get("statistics") or {}}
     return SavedState(converted, layers, editing, calibration, [])

@@ -286,8 +286,7 @@ class HookLayers:
             alpha = weights.alpha
         gate = torch.nan_to_num(z.to(torch.float64), nan=-math.inf) >= alpha
         if self.open_last[layer]:
-            gate = gate.clone()
-            gate[:, -1] = True
+            gate[:, -1] = True  # `gate` is this call's own tensor
         if self.records is not None:
             self.records[layer] = GateRecord(gate.detach(), z.detach(), float(alpha))
         if flat:
