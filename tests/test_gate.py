@@ -164,6 +164,9 @@ def test_editor_span_gates_are_those_of_its_accumulated_keys(new_editor):
     for l, st in editor.layers.items():
         full = span_gate(st.c0, st.c_accu, hp.mom2_update_weight, hp.gate_span_beta)
         torch.testing.assert_close(st.span.span, full.span, rtol=0, atol=1e-5)
+        # it started unedited: H's factor has one column per edit
+        assert st.span.factor is not None and st.span.factor.shape[1] == 3
+        torch.testing.assert_close(st.span.factor @ st.span.factor.T, st.span.span, rtol=0, atol=1e-6)
 
 
 def test_no_accumulated_keys_scores_zero():
@@ -641,8 +644,9 @@ def test_span_state_save_load_resume(new_editor, make_tiny, tokenizer, tmp_path)
             assert torch.equal(_logits(fresh, tokenizer, t), _logits(editor.model, tokenizer, t)), t
             for l in editor.layers:
                 assert torch.equal(loaded.hooks.records[l].gate, editor.hooks.records[l].gate)
+                # the live editor scores with H's factor, the loaded one with H: the same to float32 rounding
                 torch.testing.assert_close(loaded.hooks.records[l].scores, editor.hooks.records[l].scores,
-                                           rtol=0, atol=0, equal_nan=True)
+                                           rtol=0, atol=2e-6, equal_nan=True)
 
     # it resumes: the next batch gives the same state on both
     editor.edit([R3])
@@ -956,3 +960,39 @@ def test_a_batch_s_own_subjects_open_after_calibration(make_tiny, tokenizer, cor
         with editor.applied():
             rates = subject_open_rates(model, tokenizer, editor.hooks, _mk(batch))
         assert all(v == 100.0 for v in rates["edit"].values()), rates
+
+
+def test_span_gate_factor_follows_h_until_it_would_be_square():
+    """An editor that starts unedited keeps H's factor F (H = F Fᵀ, one column per edited key): its scores are
+    the dense ones to float32 rounding, and the factor is dropped once it would be as wide as H is square."""
+    d, lam, beta = 48, 1000.0, 0.1
+    c0 = _spd(d, 3).float()
+    gate = span_gate(c0, lam * c0.double(), lam, beta, unedited=True)
+    assert gate.factor is not None and tuple(gate.factor.shape) == (d, 0)
+    assert span_gate(c0, lam * c0.double(), lam, beta).factor is None  # unknown edits: no factor
+    probe = _keys(c0.double(), 200, 7).float()
+    torch.testing.assert_close(span_scores(probe, gate), torch.zeros(200))
+    for b in range(12):
+        keys = _keys(c0.double(), 5, 100 + b).float()
+        gate = span_gate_added(gate, keys, beta)
+        if 5 * (b + 1) < d:
+            assert gate.factor.shape == (d, 5 * (b + 1))
+            torch.testing.assert_close(gate.factor @ gate.factor.T, gate.span, rtol=0, atol=1e-6)
+            dense = span_scores(probe, SpanGate(gate.whiten, gate.span))
+            torch.testing.assert_close(span_scores(probe, gate), dense, rtol=0, atol=2e-6)
+            assert float(dense.max()) > 0.05  # not all zero: the edited span shows
+        else:
+            assert gate.factor is None
+    assert gate.to("cpu").factor is None
+
+
+def test_span_scores_only_at_valid_tokens():
+    d, lam = 16, 20.0
+    c0 = _spd(d, 8).float()
+    k = _keys(c0.double(), 30, 9).float()
+    gate = span_gate(c0, lam * c0.double() + k[:6].double().T @ k[:6].double(), lam)
+    keys = k.reshape(3, 10, d)
+    valid = torch.rand(3, 10, generator=torch.Generator().manual_seed(0)) > 0.4
+    got = span_scores(keys, gate, valid)
+    assert got.shape == (3, 10) and bool(got[~valid].isnan().all())
+    torch.testing.assert_close(got[valid], span_scores(keys, gate)[valid], rtol=1e-6, atol=1e-7)

@@ -94,7 +94,8 @@ class Editor:
                 if st.c0 is None:
                     raise ValueError(f"the span gate needs C0 for layer {l}")
                 if st.span is None:
-                    st.span = span_gate(st.c0, st.c_accu, hparams.mom2_update_weight, hparams.gate_span_beta)
+                    st.span = span_gate(st.c0, st.c_accu, hparams.mom2_update_weight, hparams.gate_span_beta,
+                                        unedited=n_edits == 0)
         self._hooks = None
         # the calibration text's input to the first edited layer (`calibration_stream`), made at the first batch
         self._calibration_stream: tuple[torch.device, torch.Tensor | None] | None = None

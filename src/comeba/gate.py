@@ -56,24 +56,34 @@ class SpanGate:
     h(k) = wᵀ H w / wᵀ w = kᵀ G k / kᵀ (λC0)⁻¹ k, G = (λC0)⁻¹ − C_accu⁻¹, is the
     share of the key's whitened energy that lies in the span of the edited
     keys: in [0, 1), independent of the key's norm and of the sequence.
+
+    `factor` F (d_in × r, float32), when known, is H = F Fᵀ with r the number of
+    edited keys: an editor that started from no edits appends each batch's
+    rank-n term (`span_gate_added`) while r < d_in, and the score's quadratic
+    form then costs d_in·r per token instead of d_in². Saved states keep H only
+    (a loaded editor scores with H).
     """
 
     whiten: torch.Tensor
     span: torch.Tensor
+    factor: torch.Tensor | None = None
 
     def to(self, device) -> "SpanGate":
+        factor = None if self.factor is None else self.factor.to(device=device, dtype=torch.float32)
         return SpanGate(self.whiten.to(device=device, dtype=torch.float32),
-                        self.span.to(device=device, dtype=torch.float32))
+                        self.span.to(device=device, dtype=torch.float32), factor)
 
 
 def span_gate(c0: torch.Tensor, c_accu: torch.Tensor, lam: float, beta: float = 1.0,
-              whiten: torch.Tensor | None = None) -> SpanGate:
+              whiten: torch.Tensor | None = None, unedited: bool = False) -> SpanGate:
     """The span gate of C_accu = λC0 + Σ K Kᵀ with H = (βI + S_w)⁻¹ S_w, computed in float64 (H is well
     conditioned: eigenvalues in [0, 1)).
 
     `whiten`: the whitening of an earlier span gate of the same C0 and λ
     (it depends on nothing else), reused instead of factorising λC0 again:
     the editor's batches then spend a third less on their gates.
+    `unedited`: C_accu holds no edit keys yet, so H = 0 has the empty factor
+    (d_in × 0) that `span_gate_added` extends.
     """
     c0 = c0.to(torch.float64)
     c_accu = c_accu.to(torch.float64)
@@ -89,7 +99,8 @@ def span_gate(c0: torch.Tensor, c_accu: torch.Tensor, lam: float, beta: float = 
     s_w = 0.5 * (s_w + s_w.T)
     h = torch.cholesky_solve(s_w, torch.linalg.cholesky(beta * eye + s_w))
     h = 0.5 * (h + h.T)
-    return SpanGate(whiten.to(torch.float32), h.to(torch.float32))
+    factor = h.new_zeros((h.shape[0], 0), dtype=torch.float32) if unedited else None
+    return SpanGate(whiten.to(torch.float32), h.to(torch.float32), factor)
 
 
 def span_gate_added(gate: SpanGate, keys: torch.Tensor, beta: float = 1.0) -> SpanGate:
@@ -100,14 +111,20 @@ def span_gate_added(gate: SpanGate, keys: torch.Tensor, beta: float = 1.0) -> Sp
     MV = (V − HV)/β: O(d_in² n) in float64, where `span_gate` costs O(d_in³) —
     a batch's span gates became a rounding error of its time. Equal to
     `span_gate` on the new C_accu up to the float32 rounding of the stored H,
-    which each update starts from.
+    which each update starts from. That rank-n term is also what the factor
+    grows by (until it would be as wide as H is square).
     """
     h = gate.span.to(torch.float64)
     v = gate.whiten.to(torch.float64) @ keys.to(h).T
     mv = (v - h @ v) / beta
     inner = torch.eye(v.shape[1], dtype=h.dtype, device=h.device) + v.T @ mv
     w = torch.linalg.solve_triangular(torch.linalg.cholesky(0.5 * (inner + inner.T)), mv.T, upper=False)
-    return SpanGate(gate.whiten, (h + beta * (w.T @ w)).to(torch.float32))
+    cols = math.sqrt(beta) * w.T  # (d_in, n): the update is cols colsᵀ
+    factor = gate.factor
+    if factor is not None:
+        factor = (torch.cat([factor, cols.to(factor)], dim=1) if factor.shape[1] + cols.shape[1] < h.shape[0]
+                  else None)
+    return SpanGate(gate.whiten, (h + cols @ cols.T).to(torch.float32), factor)
 
 
 def _cholesky_with_jitter(a: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
@@ -124,10 +141,28 @@ def _cholesky_with_jitter(a: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
     return chol
 
 
-def span_scores(k: torch.Tensor, gate: SpanGate) -> torch.Tensor:
-    """h(k) = wᵀ H w / wᵀ w per token (float32, NaN for a zero key): the span gate's score."""
-    w = k.to(torch.float32) @ gate.whiten.T
-    return ((w @ gate.span) * w).sum(-1) / (w * w).sum(-1)
+def span_scores(k: torch.Tensor, gate: SpanGate, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """h(k) = wᵀ H w / wᵀ w per token (float32, NaN for a zero key): the span gate's score.
+
+    `valid` (k's shape without the last dimension): score only these tokens (NaN elsewhere), so that
+    padding costs no d_in² products.
+    """
+    rows = k.reshape(-1, k.shape[-1])
+    at = None
+    if valid is not None:
+        at = valid.reshape(-1).nonzero().squeeze(1)
+        rows = rows[at]
+    w = rows.to(torch.float32) @ gate.whiten.T
+    if gate.factor is not None:
+        energy = (w @ gate.factor).square().sum(-1)
+    else:
+        energy = ((w @ gate.span) * w).sum(-1)
+    z = energy / (w * w).sum(-1)
+    if at is None:
+        return z.reshape(k.shape[:-1])
+    out = torch.full((k[..., 0].numel(),), math.nan, dtype=z.dtype, device=z.device)
+    out[at] = z
+    return out.reshape(k.shape[:-1])
 
 
 def calibrated_threshold(scores: torch.Tensor, false_open: float) -> float:

@@ -252,10 +252,9 @@ class HookLayers:
     def _hooked_output(self, layer: int, args, out: torch.Tensor) -> torch.Tensor:
         k = args[0]
         delta = self._cast[layer]
-        add = hook_addition(k, delta)
         weights = self.weights[layer]
         if not self.gated[layer]:
-            return out + add.to(out.dtype)
+            return out + hook_addition(k, delta).to(out.dtype)
         flat = k.dim() == 2
         mask = self._state.mask
         shape = k.shape[:-1] if not flat else (1, k.shape[0])
@@ -263,10 +262,9 @@ class HookLayers:
             mask = torch.ones(shape, dtype=torch.bool, device=k.device)
         mask = mask.to(device=k.device, dtype=torch.bool)  # the layer may be on another device than the input
         if layer in self._span:
-            z = span_scores(k, self._span[layer])
+            z = span_scores(k, self._span[layer], mask if not flat else mask[0])
             if flat:
                 z = z[None]
-            z = torch.where(mask, z, torch.full_like(z, math.nan))
             if self.layer_mean:
                 z = self._mean_over_layers(z)
             alpha = weights.alpha
@@ -275,6 +273,7 @@ class HookLayers:
                     raise RuntimeError(f"layer {layer}: a threshold to calibrate (alpha=None) outside calibrate()")
                 alpha = self._rule(z)
         else:
+            add = hook_addition(k, delta)
             m = add.norm(dim=-1)
             if flat:
                 m = m[None]
@@ -291,6 +290,10 @@ class HookLayers:
             self.records[layer] = GateRecord(gate.detach(), z.detach(), float(alpha))
         if flat:
             gate = gate[0]
+        if layer in self._span:  # ΔW·k only where the gate opens (general text: almost nowhere)
+            out = out.clone()
+            out[gate] = out[gate] + hook_addition(k[gate], delta).to(out.dtype)
+            return out
         return torch.where(gate[..., None], out + add.to(out.dtype), out)
 
 

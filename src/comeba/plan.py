@@ -157,7 +157,9 @@ class ModelShape:
 @dataclass(frozen=True)
 class LayerPlan:
     """The editor state of one edited layer, in bytes: inference = ΔW (float32) + the span gate's whitening and
-    span (float32; 0 for the reference gate); editing = C_accu (float64) + C0 (mom2_dtype; span gate only)."""
+    span (float32; 0 for the reference gate); editing = C_accu (float64) + C0 (mom2_dtype; span gate only), as
+    saved. `total` adds the span's factor (`factor`: float32, at most d_in × d_in, which a live editor keeps while
+    it holds fewer edits than d_in, unsaved), counted at that bound."""
 
     layer: int
     d_out: int
@@ -166,6 +168,7 @@ class LayerPlan:
     gate: int
     c_accu: int
     c0: int
+    factor: int
     inference: int
     editing: int
     total: int
@@ -202,7 +205,7 @@ class Plan:
     def __post_init__(self) -> None:
         self.state_inference = sum(l.inference for l in self.layers)
         self.state_editing = sum(l.editing for l in self.layers)
-        self.state = self.state_inference + self.state_editing
+        self.state = sum(l.total for l in self.layers)  # the saved parts and a live editor's span factors
 
     def worst(self, phases: Sequence[str] | None = None) -> Phase:
         return max((self.phases[n] for n in (phases or self.phases)), key=lambda p: p.peak)
@@ -222,7 +225,9 @@ class Plan:
         if self.weights + self.state > available_bytes:
             raise PlanError(f"the editor state needs {human(self.state)} ({human(self.layers[0].total)} per layer "
                             f"× {len(self.layers)}: inference {human(self.state_inference)}, editing "
-                            f"{human(self.state_editing)}) on top of the model weights' {human(self.weights)}, and "
+                            f"{human(self.state_editing)}, a live editor's span factors "
+                            f"{human(self.state - self.state_inference - self.state_editing)}) on top of the "
+                            f"model weights' {human(self.weights)}, and "
                             f"{have}; use fewer layers, mom2_dtype float32, or --device-map auto")
         for name in phases or self.phases:
             phase = self.phases[name]
@@ -278,9 +283,9 @@ def memory_plan(config_or_model_shape, hparams: HParams | None = None, batch_siz
 def _layer_plan(layer: int, d_out: int, d_in: int, hp: HParams) -> LayerPlan:
     span, square = hp.gate == "span", d_in * d_in
     delta, gate = d_out * d_in * 4, 2 * square * 4 * span
-    c_accu, c0 = square * 8, square * _size(hp.mom2_dtype) * span
-    return LayerPlan(layer, d_out, d_in, delta, gate, c_accu, c0, delta + gate, c_accu + c0,
-                     delta + gate + c_accu + c0)
+    c_accu, c0, factor = square * 8, square * _size(hp.mom2_dtype) * span, square * 4 * span
+    return LayerPlan(layer, d_out, d_in, delta, gate, c_accu, c0, factor, delta + gate, c_accu + c0,
+                     delta + gate + c_accu + c0 + factor)
 
 
 def _layer_pass(shape: ModelShape, d_in: int, tokens: int, rows: int, width: int, b: int) -> int:

@@ -160,16 +160,30 @@ class _Objective:
         self.ids, self.mask, self.positions, self.P = aligned.ids, aligned.mask, aligned.positions, aligned.anchor
         P = self.P
         self.suffix_len = [len(ids) - lk for ids, lk in zip(seqs.ids, seqs.lookup)]
-        S = max(self.suffix_len)
 
         cache = new_cache(model)
-        # One pass over the whole sequences (the caller's hooks active): l_n's output and the prefix cache.
-        with torch.no_grad(), trace(model, [self.layer_name, self.norm_name], outputs=True,
-                                    stop_after=self.norm_name) as rec:  # the cache is filled by then; no logits
-            model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions, use_cache=True,
-                  **{self.cache_kw: cache})
-        self.h_suffix = rec[self.layer_name].output[:, P:].detach().to(device)
-        cache.crop(-S)  # negative: drop the suffix (same meaning in transformers 4 and 5)
+        with torch.no_grad():
+            if hp.gate == "reference":
+                # One pass over the whole sequences (the caller's hooks active): the authors' gate scores each
+                # token against its whole sequence, so the prefix is not run alone. l_n's output and the cache.
+                with trace(model, [self.layer_name, self.norm_name], outputs=True, stop_after=self.norm_name) as rec:
+                    model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions, use_cache=True,
+                          **{self.cache_kw: cache})
+                h_suffix = rec[self.layer_name].output[:, P:]
+                cache.crop(-max(self.suffix_len))  # negative: drop the suffix (transformers 4 and 5 alike)
+            else:
+                # The prefix through every layer fills the cache the passes continue; the suffix, which every
+                # pass recomputes above l_n, runs only up to l_n (a token's span gate is its own: the same).
+                if P > 0:
+                    with trace(model, [self.norm_name], stop_after=self.norm_name):  # the cache is filled by then
+                        model(input_ids=self.ids[:, :P], attention_mask=self.mask[:, :P],
+                              position_ids=self.positions[:, :P], use_cache=True, **{self.cache_kw: cache})
+                scratch = copy.deepcopy(cache, memo={id(t): t for t in _tensors(cache)})  # shares the prefix's tensors
+                with trace(model, [self.layer_name], outputs=True, stop_after=self.layer_name) as rec:
+                    model(input_ids=self.ids[:, P:], attention_mask=self.mask, position_ids=self.positions[:, P:],
+                          use_cache=True, **{self.cache_kw: scratch})
+                h_suffix = rec[self.layer_name].output
+        self.h_suffix = h_suffix.detach().to(device)
         self.cache = cache
 
         self.owner = torch.tensor(seqs.owner, device=device)
