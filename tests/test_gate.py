@@ -442,6 +442,57 @@ def test_calibration_started_at_the_first_edited_layer_sets_the_same_alpha(new_e
         assert started[l] == pytest.approx(whole[l], rel=1e-5, abs=1e-6), l
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_calibration_calls_in_lockstep_set_the_alpha_of_one_call(new_editor, tokenizer, arch):
+    """calibrate_span runs the text and the (short) prompts as two calls that meet at every layer: α must be
+    that of one call over both, padded to one width, with the layer mean and a memory of earlier edits."""
+    from comeba.gate import span_threshold
+    from comeba.text import subject_last_index
+    from comeba.trace import trace
+
+    editor = new_editor(arch)
+    editor.edit([R1, R2])
+    hp, cal, model = editor.hparams, editor.calibration, editor.model
+    batch = make_requests([R3])
+    memory = [Remembered(tuple(encode_prompt(tokenizer, r.text)), subject_last_index(tokenizer, r.prompt, r.subject))
+              for r in make_requests([R1])]
+    with HookLayers(model, editor.layout, editor.layers, layer_mean=hp.gate_layer_mean) as hooks:
+        apart = calibrate_span(hooks, model, tokenizer, editor.layout, cal, batch, hp.gate_false_open,
+                               hp.gate_false_open_max, hp.gate_subject_share, memory=memory)
+        prompts = [encode_prompt(tokenizer, r.text) for r in batch] + [list(m.ids) for m in memory]
+        subjects = [(len(cal), subject_last_index(tokenizer, batch[0].prompt, batch[0].subject))]
+        kept = [(len(cal) + 1, memory[0].subject)]
+        ids, mask = pad_batch(list(cal) + prompts, tokenizer.pad_token_id)
+        last = editor.layout.mlp_out_name(max(hp.layers))
+
+        def run():
+            with trace(model, [last], stop_after=last):
+                model(input_ids=ids, attention_mask=mask)
+
+        one = hooks.calibrate(run, lambda z: span_threshold(z, len(cal), subjects, hp.gate_false_open,
+                                                            hp.gate_false_open_max, hp.gate_subject_share, kept))
+    assert set(apart) == set(one) == set(hp.layers)
+    for l in hp.layers:
+        assert apart[l] == pytest.approx(one[l], rel=1e-5, abs=1e-6), l
+
+
+def test_a_failing_calibration_rule_raises_in_every_call_without_hanging(new_editor, tokenizer, monkeypatch):
+    import comeba.gate as gate_mod
+
+    editor = new_editor("llama")
+    editor.edit([R1])
+    hp = editor.hparams
+
+    def broken(*args, **kwargs):
+        raise ValueError("no finite gate scores to calibrate on")
+
+    monkeypatch.setattr(gate_mod, "span_threshold", broken)
+    with HookLayers(editor.model, editor.layout, editor.layers) as hooks:
+        with pytest.raises(ValueError, match="no finite gate scores"):
+            calibrate_span(hooks, editor.model, tokenizer, editor.layout, editor.calibration, make_requests([R2]),
+                           hp.gate_false_open, hp.gate_false_open_max, hp.gate_subject_share)
+
+
 @pytest.mark.parametrize("share", [0.0, None])
 def test_span_editor_edits_take_and_opens_on_a_share_eps_of_its_calibration_text(new_editor, tokenizer, share):
     """α is the (1 − ε) quantile of the calibration text (ρ = 0), or the larger of it and ρ times the score of

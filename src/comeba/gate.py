@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from .compute import Aligned, forward_from, replay_layers
-from .models import Layout, input_device
+from .models import Layout, dispatched, input_device
 from .text import encode_prompt, pad_batch, subject_last_index
 from .trace import trace
 
@@ -285,32 +285,118 @@ def calibrate_span(hooks: "HookLayers", model, tokenizer, layout: Layout, calibr
     `stream` (from `calibration_stream`) lets the pass start at the first
     edited layer: only the prompts run through the layers below it.
     A subject that is its prompt's first token (no start token before it) does not count: its key there
-    carries no context and scores like general text, and would drag α down for the whole batch."""
+    carries no context and scores like general text, and would drag α down for the whole batch.
+
+    The text (rows of up to a few hundred tokens) and the prompts (a dozen) run as two calls in lockstep
+    (`_Lockstep`), so that the prompts are not padded to the text's width: at each layer both calls' scores
+    make that layer's α, as in one call over both (which a model dispatched by accelerate still makes).
+    """
     prompts = [encode_prompt(tokenizer, r.text) for r in batch]
     subjects = [(len(calibration) + i, j) for i, r in enumerate(batch)
                 for j in [subject_last_index(tokenizer, r.prompt, r.subject)] if j > 0]
     start = len(calibration) + len(prompts)
     kept = [(start + i, m.subject) for i, m in enumerate(memory)]
     prompts += [list(m.ids) for m in memory]
-    ids, mask = pad_batch(list(calibration) + prompts, tokenizer.pad_token_id, input_device(model))
+    device = input_device(model)
     last = layout.mlp_out_name(max(hooks.weights))
     first = min(hooks.weights)
-    replay = nullcontext()
-    if stream is not None:
-        if stream.shape[0] != len(calibration) or stream.shape[1] > ids.shape[1]:
-            raise ValueError(f"the calibration stream ({tuple(stream.shape)}) is not that of this calibration text")
-        head = calibration_stream(model, tokenizer, layout, prompts, first)
-        full = stream.new_zeros((ids.shape[0], ids.shape[1], stream.shape[2]))
-        full[: stream.shape[0], : stream.shape[1]] = stream
-        full[stream.shape[0]:, : head.shape[1]] = head.to(full.device)
-        replay = replay_layers(model, layout, first - 1, lambda: full)
+    text = pad_batch(list(calibration), tokenizer.pad_token_id, device)
+    if stream is not None and (stream.shape[0] != len(calibration) or stream.shape[1] != text[0].shape[1]):
+        raise ValueError(f"the calibration stream ({tuple(stream.shape)}) is not that of this calibration text")
+    head = calibration_stream(model, tokenizer, layout, prompts, first) if stream is not None and prompts else None
+    if not prompts:
+        parts, streams = [text], [stream]
+    elif not dispatched(model):
+        parts, streams = [text, pad_batch(prompts, tokenizer.pad_token_id, device)], [stream, head]
+    else:  # accelerate moves weights around each call: one call over both, the prompts padded to the text's width
+        parts = [pad_batch(list(calibration) + prompts, tokenizer.pad_token_id, device)]
+        streams = [None]
+        if stream is not None:
+            full = stream.new_zeros((parts[0][0].shape[0], parts[0][0].shape[1], stream.shape[2]))
+            full[: stream.shape[0], : stream.shape[1]] = stream
+            full[stream.shape[0]:, : head.shape[1]] = head.to(full.device)
+            streams = [full]
+    rule = _Lockstep(len(parts), lambda z: span_threshold(z, len(calibration), subjects, false_open,
+                                                          false_open_max, subject_share, kept))
 
     def run() -> None:
+        replay = replay_layers(model, layout, first - 1, rule.stream) if stream is not None else nullcontext()
         with replay, trace(model, [last], stop_after=last):
-            model(input_ids=ids, attention_mask=mask)
+            rule.run(model, parts, streams)
 
-    return hooks.calibrate(run, lambda z: span_threshold(z, len(calibration), subjects, false_open, false_open_max,
-                                                         subject_share, kept))
+    return hooks.calibrate(run, rule)
+
+
+class _Lockstep:
+    """Forward calls (one per part, each in its own thread) that meet at every calibrated layer: each hands
+    its scores (B_i, T_i) to the rule, which sees them as one (Σ B_i, max T_i) batch, NaN-padded, in part
+    order, and every call then gates with the same α. The calibration's hooks call it (`HookLayers.calibrate`)."""
+
+    def __init__(self, n: int, rule):
+        import threading
+
+        self.rule, self.n = rule, n
+        self.local = threading.local()
+        self.scores: list[torch.Tensor | None] = [None] * n
+        self.alpha: float | None = None
+        self.error: BaseException | None = None
+        self.barrier = threading.Barrier(n, action=self._decide)
+
+    def stream(self) -> torch.Tensor:
+        """The calling part's input to the first edited layer (for `replay_layers`)."""
+        return self.local.stream
+
+    def _decide(self) -> None:
+        try:
+            width = max(z.shape[1] for z in self.scores)
+            self.alpha = self.rule(torch.cat([torch.nn.functional.pad(z, (0, width - z.shape[1]), value=math.nan)
+                                              for z in self.scores]))
+        except BaseException as err:  # handed to every part
+            self.error = err
+            raise
+
+    def __call__(self, z: torch.Tensor) -> float:
+        import threading
+
+        if self.n == 1:
+            return self.rule(z)
+        self.scores[self.local.part] = z
+        try:
+            self.barrier.wait()
+        except threading.BrokenBarrierError:
+            if self.error is not None:
+                raise self.error from None
+            raise RuntimeError("another part of the gate's calibration pass failed") from None
+        return self.alpha
+
+    def run(self, model, parts, streams) -> None:
+        """Run every part's forward call, the first in this thread; the first error is raised."""
+        import threading
+
+        from .trace import StopForward
+
+        errors: list[BaseException] = []
+
+        def work(i: int) -> None:
+            self.local.part, self.local.stream = i, streams[i]
+            ids, mask = parts[i]
+            try:
+                with torch.no_grad():  # grad mode is per thread
+                    model(input_ids=ids, attention_mask=mask)
+            except StopForward:
+                pass
+            except BaseException as err:
+                errors.append(err)
+                self.barrier.abort()  # the other parts stop waiting
+
+        threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(1, len(parts))]
+        for t in threads:
+            t.start()
+        work(0)
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,12 @@ def _accelerate_hooks(module: torch.nn.Module) -> list:
     return list(getattr(hook, "hooks", None) or [hook])  # a SequentialHook holds several
 
 
+def dispatched(model: torch.nn.Module) -> bool:
+    """Whether accelerate's hooks run `model` (a device map, offloading): they move weights in and out around
+    each call, so two calls must not run at once."""
+    return any(_accelerate_hooks(m) for m in model.modules())
+
+
 def execution_device(module: torch.nn.Module) -> torch.device | None:
     """The execution device of an accelerate hook on `module` itself (None when it has none)."""
     for hook in _accelerate_hooks(module):
