@@ -518,42 +518,6 @@ def test_a_cache_seen_by_the_hooks_is_freed_when_dropped(tiny_model, tokenizer):
             gc.enable()
 
 
-@pytest.mark.parametrize("layer_mean", [False, True])
-def test_value_objective_runs_prefix_and_suffix_apart_as_one_pass_under_span_hooks(arch, tiny_model, tokenizer,
-                                                                                    layer_mean):
-    """With span hooks the value optimisation's prefix pass runs the prefix through every layer and the suffix
-    only up to l_n (a token's span gate is its own); the authors' gate needs one whole pass. Both give the same
-    l_n outputs, prefix cache and loss under hooks that open on some tokens."""
-    import dataclasses
-
-    from comeba.compute import context_templates
-    from comeba.hparams import HParams
-    from comeba.requests import make_requests
-    from comeba.values import _Objective
-
-    hp = HParams(layers=list(LAYERS), context_template_prefixes=["The"], context_template_length=4)
-    reqs = make_requests([
-        {"prompt": "The mother tongue of Danielle Darrieux", "subject": "Danielle Darrieux", "target_new": "English"},
-        {"prompt": "Michael Jordan has always liked to eat", "subject": "Michael Jordan", "target_new": "pizza"},
-    ])
-    layout = detect_layout(tiny_model)
-    templates = context_templates(tiny_model, tokenizer, hp)
-    with _span_hooks(tiny_model, tokenizer, _deltas(scale=0.5), layer_mean=layer_mean) as hooks:
-        hooks.record()
-        apart = _Objective(tiny_model, tokenizer, layout, reqs, hp, templates)
-        opened = torch.cat([r.gate.reshape(-1) for r in hooks.records.values()])
-        whole = _Objective(tiny_model, tokenizer, layout, reqs, dataclasses.replace(hp, gate="reference"), templates)
-        assert opened.any() and not opened.all()  # the hooks act on part of the tokens
-        torch.testing.assert_close(apart.h_suffix, whole.h_suffix, rtol=1e-5, atol=1e-5)
-        torch.manual_seed(0)
-        delta = 0.3 * torch.randn(len(reqs), tiny_model.config.hidden_size)
-        active = torch.ones(len(reqs), dtype=torch.bool)
-        for obj in (apart, whole):
-            obj.value_and_grad(torch.zeros_like(delta), active)  # fixes the KL reference
-        torch.testing.assert_close(apart.value_and_grad(delta, active)[0], whole.value_and_grad(delta, active)[0],
-                                   rtol=1e-5, atol=1e-5)
-
-
 def test_span_hook_adds_only_where_the_gate_opens_as_a_full_product(arch, tiny_model, tokenizer):
     """The span hook computes ΔW·k only at the tokens its gate opens: the output is the full product's where it
     opens and the base output elsewhere, exactly."""

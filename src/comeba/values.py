@@ -162,27 +162,15 @@ class _Objective:
         self.suffix_len = [len(ids) - lk for ids, lk in zip(seqs.ids, seqs.lookup)]
 
         cache = new_cache(model)
-        with torch.no_grad():
-            if hp.gate == "reference":
-                # One pass over the whole sequences (the caller's hooks active): the authors' gate scores each
-                # token against its whole sequence, so the prefix is not run alone. l_n's output and the cache.
-                with trace(model, [self.layer_name, self.norm_name], outputs=True, stop_after=self.norm_name) as rec:
-                    model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions, use_cache=True,
-                          **{self.cache_kw: cache})
-                h_suffix = rec[self.layer_name].output[:, P:]
-                cache.crop(-max(self.suffix_len))  # negative: drop the suffix (transformers 4 and 5 alike)
-            else:
-                # The prefix through every layer fills the cache the passes continue; the suffix, which every
-                # pass recomputes above l_n, runs only up to l_n (a token's span gate is its own: the same).
-                if P > 0:
-                    with trace(model, [self.norm_name], stop_after=self.norm_name):  # the cache is filled by then
-                        model(input_ids=self.ids[:, :P], attention_mask=self.mask[:, :P],
-                              position_ids=self.positions[:, :P], use_cache=True, **{self.cache_kw: cache})
-                scratch = copy.deepcopy(cache, memo={id(t): t for t in _tensors(cache)})  # shares the prefix's tensors
-                with trace(model, [self.layer_name], outputs=True, stop_after=self.layer_name) as rec:
-                    model(input_ids=self.ids[:, P:], attention_mask=self.mask, position_ids=self.positions[:, P:],
-                          use_cache=True, **{self.cache_kw: scratch})
-                h_suffix = rec[self.layer_name].output
+        # One pass over the whole sequences (the caller's hooks active): l_n's output and the prefix cache.
+        # (Running the prefix alone and the suffix only up to l_n saved 2 % of a batch, but in one zsRE dev run
+        # it gave 95.3 reliability at 100 edits where the whole pass gives 97.3: not kept until understood.)
+        with torch.no_grad(), trace(model, [self.layer_name, self.norm_name], outputs=True,
+                                    stop_after=self.norm_name) as rec:  # the cache is filled by then; no logits
+            model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions, use_cache=True,
+                  **{self.cache_kw: cache})
+        h_suffix = rec[self.layer_name].output[:, P:]
+        cache.crop(-max(self.suffix_len))  # negative: drop the suffix (same meaning in transformers 4 and 5)
         self.h_suffix = h_suffix.detach().to(device)
         self.cache = cache
 
