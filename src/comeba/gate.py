@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
@@ -35,7 +36,7 @@ import torch
 from .compute import Aligned, forward_from, replay_layers
 from .models import Layout, dispatched, input_device
 from .text import encode_prompt, pad_batch, subject_last_index
-from .trace import trace
+from .trace import StopForward, trace
 
 if TYPE_CHECKING:  # the hooks call the gate; calibration drives the hooks
     from .hooks import HookLayers
@@ -333,8 +334,6 @@ class _Lockstep:
     order, and every call then gates with the same α. The calibration's hooks call it (`HookLayers.calibrate`)."""
 
     def __init__(self, n: int, rule):
-        import threading
-
         self.rule, self.n = rule, n
         self.local = threading.local()
         self.scores: list[torch.Tensor | None] = [None] * n
@@ -356,8 +355,6 @@ class _Lockstep:
             raise
 
     def __call__(self, z: torch.Tensor) -> float:
-        import threading
-
         if self.n == 1:
             return self.rule(z)
         self.scores[self.local.part] = z
@@ -371,10 +368,6 @@ class _Lockstep:
 
     def run(self, model, parts, streams) -> None:
         """Run every part's forward call, the first in this thread; the first error is raised."""
-        import threading
-
-        from .trace import StopForward
-
         errors: list[BaseException] = []
 
         def work(i: int) -> None:

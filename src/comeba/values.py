@@ -160,6 +160,7 @@ class _Objective:
         self.ids, self.mask, self.positions, self.P = aligned.ids, aligned.mask, aligned.positions, aligned.anchor
         P = self.P
         self.suffix_len = [len(ids) - lk for ids, lk in zip(seqs.ids, seqs.lookup)]
+        S = max(self.suffix_len)
 
         cache = new_cache(model)
         # One pass over the whole sequences (the caller's hooks active): l_n's output and the prefix cache.
@@ -169,9 +170,8 @@ class _Objective:
                                     stop_after=self.norm_name) as rec:  # the cache is filled by then; no logits
             model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions, use_cache=True,
                   **{self.cache_kw: cache})
-        h_suffix = rec[self.layer_name].output[:, P:]
-        cache.crop(-max(self.suffix_len))  # negative: drop the suffix (same meaning in transformers 4 and 5)
-        self.h_suffix = h_suffix.detach().to(device)
+        self.h_suffix = rec[self.layer_name].output[:, P:].detach().to(device)
+        cache.crop(-S)  # negative: drop the suffix (same meaning in transformers 4 and 5)
         self.cache = cache
 
         self.owner = torch.tensor(seqs.owner, device=device)
