@@ -162,6 +162,28 @@ def test_consecutive_batches_raise_their_targets_written_under_the_inference_gat
             assert math.isfinite(a) and 0 < a < 1, f"layer {l}: alpha {a}"
 
 
+def test_consecutive_batches_raise_their_targets_with_earlier_edits_weighed_more(new_editor, tokenizer):
+    """edit_key_weight > 1: each batch is solved against λC0 + γ Σ_past K Kᵀ; edits still take, the first batch
+    is written as with γ = 1 (nothing earlier to weigh), and the second moves the first's keys less."""
+    plain, weighted = new_editor("llama", clamp_norm_factor=20.0), new_editor("llama", clamp_norm_factor=20.0,
+                                                                              edit_key_weight=8.0)
+    for ed in (plain, weighted):
+        ed.edit([R1])
+    for l in plain.layers:
+        torch.testing.assert_close(plain.layers[l].delta, weighted.layers[l].delta)
+    keys = {l: plain.layers[l].c_accu - plain.hparams.mom2_update_weight * plain.layers[l].c0.double()
+            for l in plain.layers}  # R1's keys' outer product, per layer
+    first = {l: weighted.layers[l].delta.clone() for l in weighted.layers}
+    _consecutive_batches(new_editor("llama", clamp_norm_factor=20.0, edit_key_weight=8.0), tokenizer)
+    before = {l: plain.layers[l].delta.clone() for l in plain.layers}
+    for ed in (plain, weighted):
+        ed.edit([R2])
+    for l in plain.layers:
+        move = lambda ed, start: float(torch.trace((ed.layers[l].delta - start).double() @ keys[l]
+                                                   @ (ed.layers[l].delta - start).double().T))
+        assert move(weighted, first[l]) < 0.5 * move(plain, before[l]), f"layer {l}"
+
+
 def test_consecutive_batches_raise_their_targets_reference_gate(new_editor, tokenizer):
     """The reference gate: the same edits take, and α (a z-score) is a running minimum."""
     editor = new_editor("llama", gate="reference")

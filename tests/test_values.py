@@ -255,6 +255,33 @@ def test_solve_satisfies_the_normal_equations():
     torch.testing.assert_close(delta, R.T @ K @ torch.linalg.inv(C + K.T @ K), rtol=1e-8, atol=1e-9)
 
 
+def test_weighted_covariance_keeps_earlier_edits_outputs():
+    """edit_key_weight γ: the new batch is solved against λC0 + γ Σ_past K Kᵀ (γ = 1: C_accu itself), and the
+    larger γ, the less the update moves the outputs at the earlier edits' keys (γ → ∞: not at all)."""
+    from comeba.compute import accumulate_keys, weighted_covariance
+
+    g = torch.Generator().manual_seed(0)
+    d_in, d_out, lam = 24, 10, 50.0
+    a = torch.randn(d_in, 3 * d_in, generator=g, dtype=torch.float64)
+    c0 = a @ a.T / (3 * d_in)
+    shared = torch.randn(1, d_in, generator=g, dtype=torch.float64)  # edit keys share a direction, as subjects do
+    old = shared + 0.5 * torch.randn(8, d_in, generator=g, dtype=torch.float64)
+    new = shared + 0.5 * torch.randn(4, d_in, generator=g, dtype=torch.float64)
+    R = torch.randn(4, d_out, generator=g, dtype=torch.float64)
+    c_accu = accumulate_keys(lam * c0, old)
+    assert weighted_covariance(c_accu, c0, lam, 1.0) is c_accu
+    torch.testing.assert_close(weighted_covariance(c_accu, c0, lam, 3.0), lam * c0 + 3.0 * old.T @ old)
+    moved = [float((solve_update(R, new, weighted_covariance(c_accu, c0, lam, w)) @ old.T).norm())
+             for w in (1.0, 4.0, 16.0, 1e6)]
+    assert moved[0] > moved[1] > moved[2] > 1e3 * moved[3], moved
+    with pytest.raises(ValueError, match="C0"):
+        weighted_covariance(c_accu, None, lam, 2.0)
+    with pytest.raises(HParamsError, match="edit_key_weight"):
+        HParams(edit_key_weight=0.5)
+    with pytest.raises(HParamsError, match="gate: span"):
+        HParams(edit_key_weight=2.0, gate="reference")
+
+
 def test_bfloat16_projections_track_float32_and_leave_the_model_as_it_was(arch, make_tiny, tokenizer):
     """v_dtype bfloat16: the layers above l_n compute their projections in bfloat16 (loss and gradient close
     to float32's), and the model is bit for bit the same object after, also when the optimisation fails."""

@@ -230,6 +230,16 @@ def solve_update(residuals: torch.Tensor, keys: torch.Tensor, covariance: torch.
     return R @ X.T
 
 
+def weighted_covariance(c_accu: torch.Tensor, c0: torch.Tensor | None, lam: float, weight: float) -> torch.Tensor:
+    """λC0 + γ Σ_past K Kᵀ from C_accu = λC0 + Σ_past K Kᵀ: the covariance a new batch is solved against when
+    earlier edits' keys weigh γ times its own (γ = 1: C_accu itself)."""
+    if weight == 1:
+        return c_accu
+    if c0 is None:
+        raise ValueError("weighing the accumulated keys needs C0")
+    return weight * c_accu - (weight - 1) * lam * c0.to(c_accu)
+
+
 def accumulate_keys(covariance: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """C + K Kᵀ with `keys` (n, d_in) as rows: a batch's keys joining the accumulated covariance."""
     K = keys.to(covariance)

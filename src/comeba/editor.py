@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .adapter import StateError, check_base_model, read_state, write_state
-from .compute import accumulate_keys, context_templates, fill_template, solve_update, write_layers
+from .compute import (accumulate_keys, context_templates, fill_template, solve_update, weighted_covariance,
+                      write_layers)
 from .gate import (Remembered, adapt_alpha, batch_gate_maxima, calibrate_span, calibration_stream, remember,
                    span_gate, span_gate_added)
 from .hooks import HookLayers, LayerState
@@ -238,7 +239,8 @@ class Editor:
 
                 write_layers(
                     self.model, self.tokenizer, self.layout, batch, hp.layers, self.templates, z,
-                    solve=lambda l, R, K: solve_update(R, K, new[l].c_accu), apply=apply,
+                    solve=lambda l, R, K: solve_update(R, K, weighted_covariance(
+                        new[l].c_accu, new[l].c0, hp.mom2_update_weight, hp.edit_key_weight)), apply=apply,
                 )
                 # 3. α: span gate — calibrated on held-back general text under the new hooks;
                 if hp.gate == "span":

@@ -69,6 +69,11 @@ class HParams:
     kl_factor: float = _setting(0.0625, "weight of the KL term on the \"{subject} is a\" prompt")
     early_stop_loss: float = _setting(0.05, "stop the optimisation below this loss")
     mom2_update_weight: float = _setting(1000.0, "λ in C_accu = λ·C0 + Σ K Kᵀ (C0 normalised per token)")
+    edit_key_weight: float = _setting(
+        1.0,
+        "γ: weight of the earlier batches' edit keys against a new batch's in its solve, Δ = R Kᵀ (λC0 + γ Σ_past K Kᵀ "
+        "+ K Kᵀ)⁻¹ (1: MEMIT's accumulation, where a new batch may move an earlier edit's output as much as it "
+        "fits its own; larger keeps earlier edits; `gate: span` only)")
     mom2_dataset: str = _setting(
         "auto",
         "statistics corpus when no `--stats-text`: `auto` (wikitext-103 online, else model samples), `samples`, a"
@@ -153,6 +158,11 @@ class HParams:
             raise HParamsError(f"nullspace_energy must be in (0, 1), got {self.nullspace_energy!r}")
         if self.nullspace_threshold is not None and not self.nullspace_threshold > 0:
             raise HParamsError(f"nullspace_threshold must be positive (or null), got {self.nullspace_threshold!r}")
+        if not self.edit_key_weight >= 1:
+            raise HParamsError(f"edit_key_weight must be >= 1, got {self.edit_key_weight!r}")
+        if self.edit_key_weight != 1 and self.gate != "span":
+            raise HParamsError("edit_key_weight other than 1 needs gate: span (the reference gate keeps no C0 to "
+                               "weigh the accumulated keys against)")
         if not self.L2 > 0:
             raise HParamsError(f"L2 must be positive, got {self.L2!r}")
         if self.v_optimizer not in OPTIMIZERS:
