@@ -1,10 +1,11 @@
 """Where reliability goes at scale: the gate, or the written values fading as later batches arrive?
 
-    python benchmarks/retention.py write OUT [--n 1000] [--hparam KEY=VALUE ...]   # ~45 min on 1 CPU thread
+    python benchmarks/retention.py write OUT [--n 1000] [--start 0] [--hparam KEY=VALUE ...]   # ~20 min on 1 CPU thread
     python benchmarks/retention.py diagnose OUT/1000                                 # ~10 min
     python benchmarks/retention.py regate OUT/1000 OUT2 --hparam gate_span_beta=0.1  # then diagnose OUT2
 
-`write` edits counterfact-scale.json records 0..n−1 (none in the dev file) in
+`write` edits counterfact-scale.json records start..start+n−1 (none in the dev file; the
+scale protocol scores 0..999, so tune on --start 1000) in
 consecutive batches of 20 into one editor (WikiText-2 statistics, span gate,
 `v_dtype: bfloat16` for speed unless --hparam says otherwise) and saves the
 state after 200, 500 and n edits, each with `z.pt`: every request's target
@@ -65,7 +66,7 @@ DIAGNOSTICS = DATA / "wikitext-2" / "test.txt"
 PRE = ROOT / "benchmarks" / "results" / "scale" / "1000" / "pre.json"  # the unedited model's answers, records 0..999
 
 
-def write(out: Path, n: int, overrides: dict, threads: int) -> None:
+def write(out: Path, n: int, overrides: dict, threads: int, start: int = 0) -> None:
     torch.set_num_threads(threads)
     targets: list[torch.Tensor] = []
     optimise = editor_module.target_values
@@ -79,21 +80,29 @@ def write(out: Path, n: int, overrides: dict, threads: int) -> None:
     model, tokenizer = load_model("embedded")
     hp = HParams(**{"v_dtype": "bfloat16", **overrides})
     editor = Editor(model, tokenizer, config=hp, corpus=text_corpus([STATS]), progress=False)
-    requests = load_counterfact(SCALE, 0, n).requests
-    start = time.time()
+    requests = load_counterfact(SCALE, start, n).requests
+    if len(requests) < n:
+        raise SystemExit(f"{SCALE} has {len(requests)} records from {start}, not {n}")
+    began = time.time()
     log = []
     for i in range(0, n, 20):
         info = editor.edit(requests[i : i + 20])
         done = i + 20
-        log.append({"edits": done, "seconds": round(time.time() - start, 1),
+        log.append({"edits": done, "seconds": round(time.time() - began, 1),
                     "alpha": {l: round(a, 4) for l, a in info["alpha"].items()}})
         print(json.dumps(log[-1]), flush=True)
         if done in (200, 500, n):
             folder = out / str(done)
             editor.save_pretrained(folder)
             torch.save(torch.cat(targets), folder / "z.pt")
-            (folder / "written.json").write_text(json.dumps({"hparams": overrides, "threads": threads,
+            (folder / "written.json").write_text(json.dumps({"hparams": overrides, "threads": threads, "start": start,
                                                              "batches": log}, indent=1))
+
+
+def _first_record(state: Path) -> int:
+    """The first counterfact-scale record a `write` state edited (0 for states written before --start)."""
+    written = state / "written.json"
+    return json.loads(written.read_text()).get("start", 0) if written.exists() else 0
 
 
 GATE_KEYS = ("gate_span_beta", "gate_layer_mean", "gate_memory", "gate_false_open", "gate_false_open_max",
@@ -114,7 +123,7 @@ def regate(state: Path, out: Path, overrides: dict, threads: int) -> dict:
     editor = Editor.from_pretrained(model, tokenizer, state, progress=False)
     hp = editor.hparams.replace(**overrides)
     n = editor.n_edits
-    requests = load_counterfact(SCALE, 0, n).requests
+    requests = load_counterfact(SCALE, _first_record(state), n).requests
     editor.memory = []
     for i in range(0, n - 20, 20):  # the memory the last batch's calibration had (or would have had)
         editor.memory = remember(editor.memory, requests[i : i + 20], tokenizer, i, hp.gate_memory, hp.seed)
@@ -130,6 +139,8 @@ def regate(state: Path, out: Path, overrides: dict, threads: int) -> dict:
         editor.layers[l].alpha = a
     editor.save_pretrained(out)
     shutil.copy(state / "z.pt", out / "z.pt")
+    if (state / "written.json").exists():  # which records these are
+        shutil.copy(state / "written.json", out / "written.json")
     info = {"from": str(state), "changed": overrides, "alpha_before": json.loads((state / "adapter_config.json")
             .read_text())["modules"], "alpha": alphas, "memory": len(editor.memory)}
     (out / "regate.json").write_text(json.dumps(info, indent=1))
@@ -152,8 +163,9 @@ def diagnose(state: Path, threads: int) -> dict:
     model, tokenizer = load_model("embedded")
     editor = Editor.from_pretrained(model, tokenizer, state, progress=False)
     n = editor.n_edits
-    requests = load_counterfact(SCALE, 0, n).requests
-    reference = (json.loads(PRE.read_text())["reference"][:n] if PRE.exists() and n <= 1000
+    start = _first_record(state)
+    requests = load_counterfact(SCALE, start, n).requests
+    reference = (json.loads(PRE.read_text())["reference"][:n] if PRE.exists() and start == 0 and n <= 1000
                  else locality_reference(model, tokenizer, requests))
     z = torch.load(state / "z.pt").double()
     h0 = _last_layer_output(model, tokenizer, editor, requests)
@@ -169,7 +181,7 @@ def diagnose(state: Path, threads: int) -> dict:
     retention = 1 - (z - h).norm(dim=1) / (z - h0).norm(dim=1)
     open_all = gates.all(1)
     reliability = torch.tensor([r["reliability"] for r in records], dtype=torch.float64)
-    out = {"state": str(state), "edits": n, "alpha": {l: s.alpha for l, s in editor.layers.items()},
+    out = {"state": str(state), "edits": n, "first_record": start, "alpha": {l: s.alpha for l, s in editor.layers.items()},
            "metrics": {k: _mean(r[k] for r in records) for k in ("reliability", "generality", "locality")},
            "gate_report": report,
            "subjects_open_at_every_layer": round(100 * float(open_all.double().mean()), 1),
@@ -180,7 +192,7 @@ def diagnose(state: Path, threads: int) -> dict:
     for lo in range(0, n, 100):
         sl = slice(lo, min(n, lo + 100))
         o = open_all[sl]
-        out["by_age"].append({"records": f"{lo}-{sl.stop - 1}",
+        out["by_age"].append({"records": f"{start + lo}-{start + sl.stop - 1}",
                               **{k: _mean(r[k] for r in records[sl]) for k in ("reliability", "generality", "locality")},
                               "open_at_every_layer": round(100 * float(o.double().mean()), 1),
                               "reliability_where_open": _mean(reliability[sl][o].tolist()),
@@ -221,6 +233,8 @@ def main(argv=None) -> int:
     w.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE", help="YAML value, e.g. "
                    "mom2_update_weight=100")
     w.add_argument("--threads", type=int, default=1)
+    w.add_argument("--start", type=int, default=0, help="first record (default 0; tune on records the "
+                   "scale protocol does not score, e.g. 1000)")
     g = sub.add_parser("regate")
     g.add_argument("state")
     g.add_argument("out")
@@ -237,7 +251,7 @@ def main(argv=None) -> int:
         if args.n % 20 or args.n < 20:
             p.error("--n must be a positive multiple of 20 (the batch size)")
         overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.hparam)}
-        write(Path(args.out), args.n, overrides, args.threads)
+        write(Path(args.out), args.n, overrides, args.threads, args.start)
     elif args.command == "regate":
         import yaml
         overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.hparam)}

@@ -250,3 +250,20 @@ def test_contradicting_requests_in_one_batch_are_refused():
     assert len(make_requests([a, same])) == 2  # a repeated request is harmless
     with pytest.raises(RequestError, match="requests 0 and 2 give the prompt 'The capital of France is' two targets"):
         make_requests([a, {"prompt": "x of Spain", "subject": "Spain", "target_new": "y"}, other])
+
+
+def test_consecutive_batches_keep_a_replaced_edit_out_of_its_own_batch():
+    from comeba.requests import consecutive_batches, make_requests
+
+    a = {"prompt": "The capital of France is", "subject": "France", "target_new": "Berlin"}
+    reqs = make_requests([a, dict(a, subject="Spain", prompt="The capital of Spain is"), dict(a),
+                          dict(a, target_new="Rome"), dict(a, subject="Italy", prompt="The capital of Italy is")],
+                         one_batch=False)
+    # the repeat of request 0 (same target) stays in its batch; request 3 gives France a second target, so it
+    # starts the next batch and, written after it, replaces that edit
+    assert consecutive_batches(reqs, 4) == [(0, 3), (3, 5)]
+    assert consecutive_batches(reqs, 2) == [(0, 2), (2, 3), (3, 5)]
+    assert consecutive_batches(reqs, 1) == [(i, i + 1) for i in range(5)]
+    assert consecutive_batches(reqs, 10) == [(0, 3), (3, 5)]
+    with pytest.raises(ValueError, match="batch size must be positive"):
+        consecutive_batches(reqs, 0)

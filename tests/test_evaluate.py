@@ -128,6 +128,18 @@ def test_single_round_batches_start_from_the_original_model(llama, tokenizer, co
         assert second == pytest.approx(alone["checkpoints"][0][k], abs=1e-2)
 
 
+def test_a_record_that_replaces_an_edit_of_its_batch_starts_the_next_batch(llama, tokenizer, corpus, tmp_path):
+    """CounterFact repeats some prompts with other targets: a run writes the later one in a later batch."""
+    again = dict(REQUESTS[1], target_new="Madrid")
+    summary = evaluate(llama, tokenizer, [REQUESTS[0], REQUESTS[1], again, REQUESTS[2]], method="comeba",
+                       hparams=HP, corpus=corpus, batch_size=3, checkpoint_every=1, settings=SETTINGS,
+                       out=tmp_path / "run", progress=False)
+    assert summary["n_batches"] == 2 and [c["n_edits"] for c in summary["checkpoints"]] == [2, 4]
+    records = [json.loads(line) for line in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
+    assert [r["batch"] for r in records] == [1, 1, 2, 2]
+    assert [r["target_new"] for r in records[1:3]] == ["Berlin", "Madrid"]
+
+
 def test_edits_take_effect_and_comeba_keeps_locality(llama, tokenizer, corpus):
     summary = _run(llama, tokenizer, corpus, "comeba", "consecutive")
     assert summary["post"]["reliability"] > summary["pre"]["reliability"]

@@ -19,6 +19,7 @@ from typing import Any, Callable
 from .inputs import (InputError, base_model_of, check_stats_text, read_dataset, read_hparams, read_requests,
                      resolve_corpus, state_kind)
 from .reporting import build_table, edit_summary, flat, format_summary, format_table, format_times
+from .requests import consecutive_batches
 
 NO_TEXT_NOTE = "  (no real text given: pass --stats-text FILE.txt for better statistics)"
 
@@ -117,7 +118,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     editor = _open_editor(args, kind, hp, model, tokenizer)
     hp = editor.hparams
     size = args.batch_size or hp.batch_size
-    n_batches = (len(requests) + size - 1) // size
+    n_batches = len(consecutive_batches(requests, size))
 
     # 3. Greedy answers before editing (the model as edited so far when resuming).
     table = build_table(requests)
@@ -330,7 +331,7 @@ def _eval(args: argparse.Namespace, kind: str, loaded, hp) -> int:
     size = args.batch_size or hp.batch_size
     n = len(loaded.requests)
     print(f"{args.method}, {args.protocol} protocol: {n} edits from {args.data} (offset {args.offset}) "
-          f"in {(n + size - 1) // size} batch(es) of up to {size}; layers {list(hp.layers)}, {_solver(args.method, hp)}")
+          f"in {len(consecutive_batches(loaded.requests, size))} batch(es) of up to {size}; layers {list(hp.layers)}, {_solver(args.method, hp)}")
     meta = {"data": args.data, "data_kind": kind, "offset": args.offset, "n_requested": args.n,
             "skipped": [list(s) for s in loaded.skipped], "model": model_name}
     summary = evaluate(model, tokenizer, loaded.requests, method=args.method, protocol=args.protocol, hparams=hp,

@@ -27,7 +27,7 @@ from .hooks import HookLayers, LayerState
 from .hparams import HParams
 from .models import (Layout, detect_layout, fingerprint, input_device, mlp_out_device, mlp_out_weight,
                      num_layers)
-from .requests import Request, RequestError, make_requests
+from .requests import Request, RequestError, consecutive_batches, make_requests
 from .stats import load_or_compute_stats
 from .corpus import Corpus, calibration_sample, default_corpus, samples_corpus
 from .text import encode_prompt, encode_target, subject_last_index
@@ -292,15 +292,12 @@ class Editor:
                                    f"more than the model's {limit} positions; shorten the prompt")
 
     def edit_batches(self, requests: Sequence[Mapping[str, Any] | Request], batch_size: int | None = None) -> list[dict]:
-        """Consecutive batches of `batch_size` (validated all together before the first)."""
-        reqs = make_requests(requests)
-        size = batch_size or self.hparams.batch_size
-        if size < 1:
-            raise ValueError(f"batch size must be positive, got {size}")
-        infos = []
-        for start in tqdm(range(0, len(reqs), size), desc="batches", disable=not self.progress or len(reqs) <= size):
-            infos.append(self.edit(reqs[start : start + size]))
-        return infos
+        """Consecutive batches of up to `batch_size` (validated all together before the first); a request that
+        gives a prompt of its batch another target starts the next batch and replaces that edit."""
+        reqs = make_requests(requests, one_batch=False)
+        batches = consecutive_batches(reqs, batch_size or self.hparams.batch_size)
+        return [self.edit(reqs[lo:hi]) for lo, hi in tqdm(batches, desc="batches",
+                                                         disable=not self.progress or len(batches) < 2)]
 
     # ------------------------------------------------------------------ state on disk
     def config(self) -> dict[str, Any]:

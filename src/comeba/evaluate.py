@@ -53,7 +53,7 @@ from .hooks import HookLayers
 from .hparams import HParams
 from .methods import METHODS, PROTOCOLS, REGISTRY
 from .models import detect_layout, fingerprint, model_check
-from .requests import Request, make_requests
+from .requests import Request, consecutive_batches, make_requests
 from .runfolder import (STATE_DIR, STATE_TENSORS, EvalError, FingerprintCheck, Progress, checkpoint_entry,
                         completed_summary, find_pre, load_progress, pre_key, prepare_folder, record_entry, run_config,
                         run_summary, save_progress, write_outputs, write_pre)
@@ -186,12 +186,8 @@ def make_method(name: str, model, tokenizer, hparams: HParams, c0, templates, pr
 # ============================================================================ the run
 
 
-def _batches(n: int, size: int) -> list[tuple[int, int]]:
-    return [(s, min(n, s + size)) for s in range(0, n, size)]
-
-
 def _schedule(method: str, protocol: str, hp: HParams, batch_size: int | None, checkpoint_every: int | None,
-              settings: Settings, n: int) -> tuple[int, list[tuple[int, int]], int]:
+              settings: Settings, reqs: Sequence[Request]) -> tuple[int, list[tuple[int, int]], int]:
     """(batch size, batches as (lo, hi), checkpoint every) of a run; bad settings are EvalErrors."""
     if method not in METHODS:
         raise EvalError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -200,7 +196,7 @@ def _schedule(method: str, protocol: str, hp: HParams, batch_size: int | None, c
     size = batch_size or hp.batch_size
     if size < 1:
         raise EvalError(f"batch size must be positive, got {size}")
-    batches = _batches(n, size)
+    batches = consecutive_batches(reqs, size)
     every = checkpoint_every or max(1, len(batches) // 10)
     if every < 1:
         raise EvalError(f"checkpoint_every must be positive, got {every}")
@@ -361,8 +357,8 @@ def evaluate(
     started = time.perf_counter()
     progress = progress and is_lead()
     hp = hparams or HParams()
-    reqs = make_requests(requests)
-    size, batches, every = _schedule(method, protocol, hp, batch_size, checkpoint_every, settings, len(reqs))
+    reqs = make_requests(requests, one_batch=False)
+    size, batches, every = _schedule(method, protocol, hp, batch_size, checkpoint_every, settings, reqs)
     layout = detect_layout(model)
     model_fp = fingerprint(model)
     provenance: dict[str, Any] = {}
@@ -402,7 +398,8 @@ def evaluate(
         runner.close()
 
     times = {"seconds": time.perf_counter() - run.clock0, "pre_seconds": pre_seconds, "setup_seconds": setup_seconds}
-    records = [record_entry(i, r, size, pre[i], prog.post[i]) for i, r in enumerate(reqs)]
+    batch_of = [b + 1 for b, (lo, hi) in enumerate(batches) for _ in range(lo, hi)]
+    records = [record_entry(i, r, batch_of[i], pre[i], prog.post[i]) for i, r in enumerate(reqs)]
     summary = run_summary(config, len(batches), pre, prog, times, method_info, provenance,
                           str(next(model.parameters()).device), meta)
     summary["processes"] = (dist_context() or (0, 1))[1]

@@ -8,7 +8,7 @@ editor as it was.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 
 class RequestError(ValueError):
@@ -149,11 +149,19 @@ def make_request(record: Mapping[str, Any], index: int | None = None) -> Request
         raise RequestError(f"{where}: {err}") from None
 
 
-def make_requests(records: Iterable[Mapping[str, Any] | Request]) -> list[Request]:
-    """Validate a whole batch; raises on the first bad record, before any work."""
+def make_requests(records: Iterable[Mapping[str, Any] | Request], one_batch: bool = True) -> list[Request]:
+    """Validate requests; raises on the first bad record, before any work.
+
+    `one_batch`: they are written as one batch, which must not give one prompt
+    two targets. Requests for consecutive batches (`one_batch=False`) may: a
+    later batch replaces an earlier edit, and `consecutive_batches` keeps the
+    two apart.
+    """
     out = [r if isinstance(r, Request) else make_request(r, i) for i, r in enumerate(records)]
     if not out:
         raise RequestError("no edit requests given")
+    if not one_batch:
+        return out
     first: dict[tuple[str, str], int] = {}
     for i, r in enumerate(out):
         j = first.setdefault((r.prompt, r.subject), i)
@@ -161,4 +169,27 @@ def make_requests(records: Iterable[Mapping[str, Any] | Request]) -> list[Reques
             raise RequestError(f"requests {j} and {i} give the prompt {r.text!r} two targets "
                                f"({out[j].target_new.strip()!r} and {r.target_new.strip()!r}): one batch must not "
                                "contradict itself")
+    return out
+
+
+def consecutive_batches(requests: Sequence[Request], size: int) -> list[tuple[int, int]]:
+    """Consecutive batches (lo, hi) of at most `size` requests, in order.
+
+    A request that would give a prompt already in its batch a second target
+    starts the next batch instead, so the later edit replaces the earlier one
+    as consecutive editing means (CounterFact repeats some prompts with other
+    targets: 59 of counterfact-scale.json's prompts have two or three).
+    """
+    if size < 1:
+        raise ValueError(f"batch size must be positive, got {size}")
+    out: list[tuple[int, int]] = []
+    lo, targets = 0, {}
+    for i, r in enumerate(requests):
+        key = (r.prompt, r.subject)
+        if i - lo == size or targets.get(key, r.target_new) != r.target_new:
+            out.append((lo, i))
+            lo, targets = i, {}
+        targets.setdefault(key, r.target_new)
+    if lo < len(requests):
+        out.append((lo, len(requests)))
     return out

@@ -208,12 +208,12 @@ def checkpoint_entry(point: Mapping[str, float | None], n_edits: int, batches: i
     return entry
 
 
-def record_entry(i: int, r: Request, size: int, pre, post) -> dict[str, Any]:
+def record_entry(i: int, r: Request, batch: int, pre, post) -> dict[str, Any]:
     """One line of records.jsonl."""
     return {
         "index": i,
         "case_id": r.case_id,
-        "batch": i // size + 1,
+        "batch": batch,
         "subject": r.subject,
         "prompt": r.text,
         "target_new": r.target_new.strip(),
