@@ -73,7 +73,8 @@ class HParams:
         1.0,
         "γ: weight of the earlier batches' edit keys against a new batch's in its solve, Δ = R Kᵀ (λC0 + γ Σ_past K Kᵀ "
         "+ K Kᵀ)⁻¹ (1: MEMIT's accumulation, where a new batch may move an earlier edit's output as much as it "
-        "fits its own; larger keeps earlier edits; `gate: span` only)")
+        "fits its own; larger keeps earlier edits and fits new ones less: at 1,000 edits 4 and 16 gained at most 1.2 "
+        "points of reliability, see [The gate](#the-gate); `gate: span` only)")
     mom2_dataset: str = _setting(
         "auto",
         "statistics corpus when no `--stats-text`: `auto` (wikitext-103 online, else model samples), `samples`, a"
