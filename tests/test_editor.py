@@ -83,6 +83,12 @@ def _logits(model, tokenizer, text):
     return model(input_ids=_ids(tokenizer, text)).logits
 
 
+def _same_logits(got: torch.Tensor, want: torch.Tensor, text: str) -> None:
+    """A state loaded from disk against the editor that wrote it: the editor scores its gate with H's factor F,
+    the loaded state with H, so the logits agree to float32 rounding (bitwise on some CPUs, 1e-7 on others)."""
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{text}: {m}")
+
+
 def _snapshot(editor):
     return (
         {l: LayerState(s.delta.clone(), s.alpha, c_accu=s.c_accu.clone()) for l, s in editor.layers.items()},
@@ -371,12 +377,10 @@ def test_save_load_resume(new_editor, make_tiny, tokenizer, tmp_path, arch):
         assert torch.equal(loaded.layers[l].c_accu, s.c_accu)
     with editor.applied(), loaded.applied():
         for text in (R1["prompt"], UNRELATED[0]):
-            # the editor scores its gate with H's factor F, a loaded state with H: float32 rounding apart (bitwise
-            # on some CPUs, 7e-8 on others), the gates open at the same tokens
             loaded.hooks.record()
             got = _logits(fresh, tokenizer, text)
             editor.hooks.record()
-            torch.testing.assert_close(got, _logits(editor.model, tokenizer, text), rtol=1e-5, atol=1e-6)
+            _same_logits(got, _logits(editor.model, tokenizer, text), text)  # and the gates open at the same tokens:
             for l in editor.layers:
                 assert torch.equal(loaded.hooks.records[l].gate, editor.hooks.records[l].gate), f"layer {l}"
             loaded.hooks.record(False)
@@ -485,7 +489,7 @@ def test_final_state_holds_only_inference_and_load_edits_applies_it(new_editor, 
     assert handle.enabled and handle.n_edits == 2
     with editor.applied():
         for text in base:
-            assert torch.equal(_logits(fresh, tokenizer, text), _logits(editor.model, tokenizer, text))
+            _same_logits(_logits(fresh, tokenizer, text), _logits(editor.model, tokenizer, text), text)
     edited = _logits(fresh, tokenizer, R1["prompt"].format(R1["subject"]))
     assert not torch.equal(edited, base[R1["prompt"].format(R1["subject"])])
     with handle.disabled():
@@ -538,7 +542,7 @@ def test_format_1_state_still_loads(new_editor, make_tiny, tokenizer, tmp_path):
     load_edits(fresh, tmp_path / "old")
     with editor.applied():
         for text in (R1["prompt"].format(R1["subject"]), UNRELATED[0]):
-            assert torch.equal(_logits(fresh, tokenizer, text), _logits(editor.model, tokenizer, text))
+            _same_logits(_logits(fresh, tokenizer, text), _logits(editor.model, tokenizer, text), text)
     loaded.save_pretrained(tmp_path / "old")  # saving converts it to format 2
     assert sorted(p.name for p in (tmp_path / "old").iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS, EDITING_STATE]
 
@@ -830,7 +834,7 @@ def test_gate_settings_travel_with_the_saved_state(new_editor, make_tiny, tokeni
     edits = load_edits(fresh, tmp_path / "state")
     assert json.loads((tmp_path / "state" / ADAPTER_CONFIG).read_text())["hparams"]["gate_layer_mean"] is False
     for t in texts:
-        assert torch.equal(_logits(fresh, tokenizer, t), want[t]), t
+        _same_logits(_logits(fresh, tokenizer, t), want[t], t)
     edits.remove()
 
 
