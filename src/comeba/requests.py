@@ -149,6 +149,11 @@ def make_request(record: Mapping[str, Any], index: int | None = None) -> Request
         raise RequestError(f"{where}: {err}") from None
 
 
+def _edited_prompt(r: Request) -> tuple[str, str]:
+    """What two requests share when they edit the same prompt (and may then not give it two targets at once)."""
+    return r.prompt, r.subject
+
+
 def make_requests(records: Iterable[Mapping[str, Any] | Request], one_batch: bool = True) -> list[Request]:
     """Validate requests; raises on the first bad record, before any work.
 
@@ -164,7 +169,7 @@ def make_requests(records: Iterable[Mapping[str, Any] | Request], one_batch: boo
         return out
     first: dict[tuple[str, str], int] = {}
     for i, r in enumerate(out):
-        j = first.setdefault((r.prompt, r.subject), i)
+        j = first.setdefault(_edited_prompt(r), i)
         if j != i and out[j].target_new != r.target_new:
             raise RequestError(f"requests {j} and {i} give the prompt {r.text!r} two targets "
                                f"({out[j].target_new.strip()!r} and {r.target_new.strip()!r}): one batch must not "
@@ -185,7 +190,7 @@ def consecutive_batches(requests: Sequence[Request], size: int) -> list[tuple[in
     out: list[tuple[int, int]] = []
     lo, targets = 0, {}
     for i, r in enumerate(requests):
-        key = (r.prompt, r.subject)
+        key = _edited_prompt(r)
         if i - lo == size or targets.get(key, r.target_new) != r.target_new:
             out.append((lo, i))
             lo, targets = i, {}
