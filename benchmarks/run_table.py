@@ -3,6 +3,8 @@
     python benchmarks/run_table.py                 # the full table (hours on a CPU; resumable)
     python benchmarks/run_table.py --methods comeba --datasets zsre        # a part of it
     python benchmarks/run_table.py --report-only   # only rewrite RESULTS.md and the plots
+    python benchmarks/run_table.py --methods seq-memit alphaedit --hparams H.yaml --out-dir D
+        # other hyperparameters for every cell (e.g. `v_optimizer: adam`), in their own folder
     python benchmarks/run_table.py --n 4 --batch-size 2 --methods comeba seq-memit \\
         --datasets counterfact --protocols consecutive --stats-tokens 2000 --out-dir /tmp/table-test   # smoke run
 
@@ -61,6 +63,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
+
+import yaml
 
 from comeba import methods as registry
 from machine import cpu_model, git_commit  # noqa: E402 (benchmarks/ is sys.path[0])
@@ -122,6 +126,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="where runs/, plots/ and RESULTS.md go (default benchmarks/results/table/)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per cell (OMP_NUM_THREADS; default: torch's own default)")
+    p.add_argument("--hparams", metavar="FILE",
+                   help="hyperparameter YAML given to every cell (e.g. `v_optimizer: adam`); a finished cell is "
+                        "reused only if its hparams have these values")
     p.add_argument("--report-only", action="store_true", help="run nothing; rewrite RESULTS.md and the plots")
     p.add_argument("--dry-run", action="store_true", help="print the cells and their commands; run nothing")
     args = p.parse_args(argv)
@@ -130,6 +137,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be positive")
+    args.hparam_values = {}
+    if args.hparams:
+        try:
+            args.hparam_values = yaml.safe_load(Path(args.hparams).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            p.error(f"--hparams {args.hparams}: {exc}")
+        if not isinstance(args.hparam_values, dict):
+            p.error(f"--hparams {args.hparams}: expected a mapping of hyperparameters, got {type(args.hparam_values).__name__}")
     args.datasets = list(dict.fromkeys(args.datasets))
     args.protocols = list(dict.fromkeys(args.protocols))
     args.methods = list(dict.fromkeys(args.methods))
@@ -156,6 +171,8 @@ def canonical_command(args: argparse.Namespace) -> str:
         parts += ["--out-dir", display_path(Path(args.out_dir))]
     if args.threads:
         parts += ["--threads", str(args.threads)]
+    if args.hparams:
+        parts += ["--hparams", display_path(Path(args.hparams))]
     return shlex.join(parts)
 
 
@@ -185,6 +202,9 @@ class Cell:
                                    display_path(Path(args.data_dir) / DIAGNOSTICS_TEXT)]
         elif self.gate:
             self.command[-2:-2] = ["--gate", self.gate]
+        if args.hparams:
+            self.command[-2:-2] = ["--hparams", display_path(Path(args.hparams))]
+        self.hparam_values = args.hparam_values
         self.expected = {"method": eval_method, "protocol": protocol, "batch_size": args.batch_size,
                          "n_requested": args.n, "offset": 0, "data_kind": kind, "mom2_n_tokens": args.stats_tokens,
                          "checkpoint_every": args.checkpoint_every, "gate": self.gate}
@@ -208,7 +228,9 @@ class Cell:
                # runs from before the span gate used the reference gate
                "gate": ((summary.get("hparams") or {}).get("gate", "reference")
                         if summary.get("method") == "comeba" else None)}
-        return [k for k, v in self.expected.items() if got.get(k) != v]
+        hparams = summary.get("hparams") or {}
+        return ([k for k, v in self.expected.items() if got.get(k) != v]
+                + [f"hparams.{k}" for k, v in self.hparam_values.items() if hparams.get(k) != v])
 
     def finished(self) -> bool:
         s = self.summary()
