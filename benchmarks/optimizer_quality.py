@@ -158,12 +158,14 @@ def report(args, out: Path) -> None:
                   for v in variants if v for o in ("lbfgs", "adam") for t in ("float32", "bfloat16")]
         pairs += [(("lbfgs", "bfloat16", v), ("lbfgs", "float32", ""), f"{v} in bfloat16 − default (lbfgs, float32)")
                   for v in variants if v]
+        pairs += [(("lbfgs", "bfloat16", ""), ("adam", "float32", v), f"lbfgs, bfloat16 − adam, float32, {v}")
+                  for v in variants if v]
         for a_key, b_key, label in pairs:
             if (dataset, *a_key) in results and (dataset, *b_key) in results:
                 a, b = results[(dataset, *a_key)], results[(dataset, *b_key)]
                 diffs = ", ".join(f"{m} {a[m] - b[m]:+.1f}" for m in ("reliability", "generality", "locality"))
                 lines.append(f"- {dataset}: {label}: {diffs}")
-    if (("zsre", "adam", "float32", "") not in results and ("zsre", "lbfgs", "float32", "") in results
+    if (not any(key[:2] == ("zsre", "adam") for key in results) and ("zsre", "lbfgs", "float32", "") in results
             and any(key[1] == "adam" for key in results) and (ROOT / "benchmarks" / "results" / "table" / "runs" / "zsre-consecutive-comeba"
                                               / "summary.json").exists()):
         cell = json.loads((ROOT / "benchmarks" / "results" / "table" / "runs" / "zsre-consecutive-comeba" / "summary.json").read_text())
