@@ -61,8 +61,9 @@ class HParams:
         "auto",
         "precision of the layers above l_n while the target values are optimised: `float32`, `bfloat16` (their "
         "projections; attention, norms, head, keys and solves stay float32) or `auto` (bfloat16 where the device "
-        "has bfloat16 matrix units: a CPU with AMX or AVX-512 BF16, a CUDA GPU with bf16; float32 elsewhere); the "
-        "same quality, 1.02–1.6× faster on such a CPU, see [Speed](#speed)")
+        "has bfloat16 matrix units: a CPU with AMX or AVX-512 BF16, a CUDA GPU with bf16; float32 elsewhere); "
+        "1.2–1.35× faster on such a CPU, within 0.5 point of float32 on the dev cells except CounterFact "
+        "generality (−1.2), see [Speed](#speed)")
     v_lr: float = _setting(0.5, "Adam's learning rate; L-BFGS's first trial step is 2 · v_lr · √d long")
     v_weight_decay: float = _setting(1e-3, "weight of ‖δ‖ / ‖h‖² in its loss")
     clamp_norm_factor: float = _setting(4.0, "δ is kept within this × ‖h‖")
