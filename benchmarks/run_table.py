@@ -551,7 +551,10 @@ def write_results(args: argparse.Namespace, cells: list[Cell], out: Path, invoca
         "## Setup",
         "",
         "- Model: the embedded SmolLM2-135M-Instruct (float32), default hyperparameters "
-        "(`comeba.hparams.HParams`), on the CPU.",
+        "(`comeba.hparams.HParams`)"
+        + (f" except {', '.join(f'`{k}: {v}`' for k, v in args.hparam_values.items())} "
+           f"(`--hparams {display_path(Path(args.hparams))}`, every cell)" if args.hparam_values else "")
+        + ", on the CPU.",
         f"- Records: dev records 0–{args.n - 1} of each dataset (`{display_path(Path(args.data_dir))}`), "
         f"in batches of {args.batch_size} ({-(-args.n // args.batch_size)} batches).",
         f"- Key statistics: {args.stats_tokens:,} tokens of WikiText-2 valid, computed once by `comeba stats` "
