@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 import comeba
 from comeba.data import load_counterfact
@@ -27,7 +28,8 @@ from machine import cpu_model, git_commit  # noqa: E402 (benchmarks/ is sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-SETTINGS = {"default": {}, "reference optimiser (adam, float32)": {"v_optimizer": "adam", "v_dtype": "float32"}}
+# The reference optimiser's settings live in one file, shared with scale.py and run_table.py --hparams.
+REFERENCE_OPTIMISER = ROOT / "benchmarks" / "hparams" / "reference-optimiser.yaml"
 
 
 def main() -> None:
@@ -43,8 +45,9 @@ def main() -> None:
     model, tok = comeba.load_model("embedded")
     requests = load_counterfact(args.data, args.offset, args.n).requests
     corpus = comeba.text_corpus([args.stats_text])
+    settings = {"default": {}, "reference optimiser (adam, float32)": yaml.safe_load(REFERENCE_OPTIMISER.read_text())}
     rows = []
-    for name, overrides in SETTINGS.items():
+    for name, overrides in settings.items():
         editor = comeba.Editor(model, tok, config=comeba.HParams(**overrides), corpus=corpus)
         start = time.perf_counter()
         editor.edit(requests)
