@@ -3,6 +3,7 @@
     python benchmarks/retention.py write OUT [--n 1000] [--start 0] [--hparam KEY=VALUE ...]   # ~20 min on 1 CPU thread
     python benchmarks/retention.py diagnose OUT/1000                                 # ~10 min
     python benchmarks/retention.py regate OUT/1000 OUT2 --hparam gate_span_beta=0.1  # then diagnose OUT2
+    python benchmarks/retention.py drift OUT/1000                                    # ~2 min
 
 `write` edits counterfact-scale.json records start..start+n−1 (none in the dev file; the
 scale protocol scores 0..999, so tune on --start 1000) in
@@ -10,7 +11,8 @@ consecutive batches of 20 into one editor (WikiText-2 statistics, span gate,
 `v_dtype: bfloat16` for speed unless --hparam says otherwise) and saves the
 state after 200, 500 and n edits, each with `z.pt`: every request's target
 value Z (the output of the last edited layer at the subject's last token of
-the bare prompt that the batch was written to reach).
+the bare prompt that the batch was written to reach), and `keys.pt`: per edited layer every
+request's key K and hook output ΔW·K just after its batch was written.
 
 `diagnose STATE` measures, for every record of that state: teacher-forced
 reliability / generality / locality (as `comeba eval`'s checkpoints); whether
@@ -30,6 +32,10 @@ records before them: a state's own, or the one a state written without would
 have had). Without changes it repeats the state's α. ΔW is
 untouched, so this isolates the gate from the trajectory (a run with the
 gate from the start writes later batches under it too).
+
+`drift STATE` asks whether an old edit's hook output moved because later batches wrote over it at
+its key (interference) or because the key itself moved (the hooks below the layer answer differently
+now). Writes STATE/drift.json.
 
 `capacity STATE` asks how full each edited layer's key space is: the
 eigenvalues of the edited keys' Σ K Kᵀ whitened by C0 (S = C0^-½ Σ K Kᵀ
@@ -80,6 +86,19 @@ def write(out: Path, n: int, overrides: dict, threads: int, start: int = 0) -> N
     model, tokenizer = load_model("embedded")
     hp = HParams(**{"v_dtype": "bfloat16", **overrides})
     editor = Editor(model, tokenizer, config=hp, corpus=text_corpus([STATS]), progress=False)
+    keys: dict[int, list[torch.Tensor]] = {l: [] for l in hp.layers}  # per layer: each batch's K as written
+    outputs: dict[int, list[torch.Tensor]] = {l: [] for l in hp.layers}  # and ΔW·K just after its write
+    write_layers = editor_module.write_layers
+
+    def write_and_keep(*args, apply, **kwargs):
+        def keep_apply(layer: int, delta: torch.Tensor, K: torch.Tensor) -> None:
+            after = editor.layers[layer].delta.double() + delta.double()
+            keys[layer].append(K.detach().double().cpu())
+            outputs[layer].append((K.double() @ after.T).cpu())
+            apply(layer, delta, K)
+        return write_layers(*args, apply=keep_apply, **kwargs)
+
+    editor_module.write_layers = write_and_keep
     requests = load_counterfact(SCALE, start, n).requests
     if len(requests) < n:
         raise SystemExit(f"{SCALE} has {len(requests)} records from {start}, not {n}")
@@ -95,6 +114,7 @@ def write(out: Path, n: int, overrides: dict, threads: int, start: int = 0) -> N
             folder = out / str(done)
             editor.save_pretrained(folder)
             torch.save(torch.cat(targets), folder / "z.pt")
+            torch.save({l: (torch.cat(keys[l]), torch.cat(outputs[l])) for l in hp.layers}, folder / "keys.pt")
             (folder / "written.json").write_text(json.dumps({"hparams": overrides, "threads": threads, "start": start,
                                                              "batches": log}, indent=1))
 
@@ -205,6 +225,44 @@ def diagnose(state: Path, threads: int) -> dict:
     return out
 
 
+def drift(state: Path, threads: int) -> dict:
+    """Does an old edit's value fade because later batches overwrite it at its key (interference), or because
+    its key itself has moved (the edited layers below it answer differently now)?
+
+    Per edited layer and record, from `keys.pt` (K and ΔW·K as written) and the state's ΔW now, all relative
+    to ‖ΔW·k‖ as written: *interference* ‖ΔW_now k_w − o_w‖, *drift* ‖ΔW_now (k_now − k_w)‖ and *total*
+    ‖ΔW_now k_now − o_w‖, with k_now the key under the hooks as at inference; and the key's own move
+    ‖L⁻¹(k_now − k_w)‖ / ‖L⁻¹ k_w‖ in C0's whitening (λC0 = L Lᵀ). Medians by age.
+    """
+    from comeba.compute import subject_keys
+
+    torch.set_num_threads(threads)
+    model, tokenizer = load_model("embedded")
+    editor = Editor.from_pretrained(model, tokenizer, state, progress=False)
+    n = editor.n_edits
+    requests = load_counterfact(SCALE, _first_record(state), n).requests
+    written = torch.load(state / "keys.pt")
+    out = {"state": str(state), "edits": n, "layers": {}}
+    with torch.no_grad(), editor.applied():
+        now = {l: torch.cat([subject_keys(model, tokenizer, editor.layout, l, requests[i:i + 100], editor.templates)
+                             .double().cpu() for i in range(0, n, 100)]) for l in editor.layers}
+    for l, s in editor.layers.items():
+        k_w, o_w = written[l]
+        w = s.delta.double().cpu()
+        scale = o_w.norm(dim=1)
+        rel = {"interference": (k_w @ w.T - o_w).norm(dim=1) / scale,
+               "drift": ((now[l] - k_w) @ w.T).norm(dim=1) / scale,
+               "total": (now[l] @ w.T - o_w).norm(dim=1) / scale}
+        p = s.span.whiten.double().cpu()
+        rel["key_move"] = ((now[l] - k_w) @ p.T).norm(dim=1) / (k_w @ p.T).norm(dim=1)
+        out["layers"][l] = [{"records": f"{lo}-{min(n, lo + 100) - 1}",
+                             **{k: round(float(v[lo:lo + 100].median()), 3) for k, v in rel.items()}}
+                            for lo in range(0, n, 100)]
+        out["layers"][l].append({"records": "all", **{k: round(float(v.median()), 3) for k, v in rel.items()}})
+    (state / "drift.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
 def capacity(state: Path) -> dict:
     model, tokenizer = load_model("embedded")
     editor = Editor.from_pretrained(model, tokenizer, state, progress=False)
@@ -243,6 +301,9 @@ def main(argv=None) -> int:
     d = sub.add_parser("diagnose")
     d.add_argument("state")
     d.add_argument("--threads", type=int, default=1)
+    r = sub.add_parser("drift")
+    r.add_argument("state")
+    r.add_argument("--threads", type=int, default=1)
     c = sub.add_parser("capacity")
     c.add_argument("state")
     args = p.parse_args(argv)
@@ -256,6 +317,8 @@ def main(argv=None) -> int:
         import yaml
         overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.hparam)}
         print(json.dumps(regate(Path(args.state), Path(args.out), overrides, args.threads), indent=1))
+    elif args.command == "drift":
+        print(json.dumps(drift(Path(args.state), args.threads)["layers"], indent=1))
     elif args.command == "capacity":
         print(json.dumps(capacity(Path(args.state)), indent=1))
     else:
