@@ -280,6 +280,14 @@ def test_weighted_covariance_keeps_earlier_edits_outputs():
         HParams(edit_key_weight=0.5)
     with pytest.raises(HParamsError, match="gate: span"):
         HParams(edit_key_weight=2.0, gate="reference")
+    per_layer = HParams(layers=[4, 5, 6], edit_key_weight=[16, 4, 1])  # one γ per edited layer
+    assert [per_layer.key_weight(l) for l in (4, 5, 6)] == [16.0, 4.0, 1.0]
+    assert HParams(edit_key_weight=4).key_weight(5) == 4.0
+    for bad in ([16, 1], [16, 4, 0.5], True):
+        with pytest.raises(HParamsError, match="one per edited layer"):
+            HParams(layers=[4, 5, 6], edit_key_weight=bad)
+    with pytest.raises(HParamsError, match="gate: span"):
+        HParams(layers=[4, 5, 6], edit_key_weight=[1, 1, 2], gate="reference")
 
 
 def test_bfloat16_projections_track_float32_and_leave_the_model_as_it_was(arch, make_tiny, tokenizer):

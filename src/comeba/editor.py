@@ -240,7 +240,7 @@ class Editor:
                 write_layers(
                     self.model, self.tokenizer, self.layout, batch, hp.layers, self.templates, z,
                     solve=lambda l, R, K: solve_update(R, K, weighted_covariance(
-                        new[l].c_accu, new[l].c0, hp.mom2_update_weight, hp.edit_key_weight)), apply=apply,
+                        new[l].c_accu, new[l].c0, hp.mom2_update_weight, hp.key_weight(l))), apply=apply,
                 )
                 # 3. α: span gate — calibrated on held-back general text under the new hooks;
                 if hp.gate == "span":

@@ -70,12 +70,12 @@ class HParams:
     kl_factor: float = _setting(0.0625, "weight of the KL term on the \"{subject} is a\" prompt")
     early_stop_loss: float = _setting(0.05, "stop the optimisation below this loss")
     mom2_update_weight: float = _setting(1000.0, "λ in C_accu = λ·C0 + Σ K Kᵀ (C0 normalised per token)")
-    edit_key_weight: float = _setting(
+    edit_key_weight: float | list[float] = _setting(
         1.0,
         "γ: weight of the earlier batches' edit keys against a new batch's in its solve, Δ = R Kᵀ (λC0 + γ Σ_past K Kᵀ "
         "+ K Kᵀ)⁻¹ (1: MEMIT's accumulation, where a new batch may move an earlier edit's output as much as it "
         "fits its own; larger keeps earlier edits and fits new ones less: at 1,000 edits 4 and 16 gained at most 1.2 "
-        "points of reliability, see [The gate](#the-gate); `gate: span` only)")
+        "points of reliability, see [The gate](#the-gate); a list gives one γ per edited layer; `gate: span` only)")
     mom2_dataset: str = _setting(
         "auto",
         "statistics corpus when no `--stats-text`: `auto` (wikitext-103 online, else model samples), `samples`, a"
@@ -160,9 +160,12 @@ class HParams:
             raise HParamsError(f"nullspace_energy must be in (0, 1), got {self.nullspace_energy!r}")
         if self.nullspace_threshold is not None and not self.nullspace_threshold > 0:
             raise HParamsError(f"nullspace_threshold must be positive (or null), got {self.nullspace_threshold!r}")
-        if not self.edit_key_weight >= 1:
-            raise HParamsError(f"edit_key_weight must be >= 1, got {self.edit_key_weight!r}")
-        if self.edit_key_weight != 1 and self.gate != "span":
+        weights = self.edit_key_weight if isinstance(self.edit_key_weight, list) else [self.edit_key_weight]
+        if (isinstance(self.edit_key_weight, list) and len(weights) != len(self.layers)) or not all(
+                isinstance(g, (int, float)) and not isinstance(g, bool) and g >= 1 for g in weights):
+            raise HParamsError(f"edit_key_weight must be a number >= 1 or a list of them, one per edited layer "
+                               f"({len(self.layers)}), got {self.edit_key_weight!r}")
+        if any(g != 1 for g in weights) and self.gate != "span":
             raise HParamsError("edit_key_weight other than 1 needs gate: span (the reference gate keeps no C0 to "
                                "weigh the accumulated keys against)")
         if not self.L2 > 0:
@@ -191,6 +194,12 @@ class HParams:
             raise HParamsError(f"gate_calibration_tokens must be an integer >= 16, got {self.gate_calibration_tokens!r}")
         if self.mom2_dtype not in ("float32", "float64"):
             raise HParamsError(f"mom2_dtype must be float32 or float64, got {self.mom2_dtype!r}")
+
+    def key_weight(self, layer: int) -> float:
+        """γ of one edited layer (`edit_key_weight` is one number or one per layer)."""
+        if isinstance(self.edit_key_weight, list):
+            return float(self.edit_key_weight[self.layers.index(layer)])
+        return float(self.edit_key_weight)
 
     def check_model(self, n_layers: int) -> None:
         if max(self.layers) >= n_layers:
