@@ -93,8 +93,14 @@ def write(out: Path, n: int, overrides: dict, threads: int, start: int = 0) -> N
     def write_and_keep(*args, apply, **kwargs):
         def keep_apply(layer: int, delta: torch.Tensor, K: torch.Tensor) -> None:
             after = editor.layers[layer].delta.double() + delta.double()
-            keys[layer].append(K.detach().double().cpu())
-            outputs[layer].append((K.double() @ after.T).cpu())
+            k = K.detach().double().cpu()
+            if len(k) > len(args[3]):  # `accumulated_keys: contexts`: rows √w_t·k_t, combined as Σ_t √w_t·row
+                k = k.view(len(args[3]), -1, k.shape[-1])
+                t = k.shape[1]
+                w = torch.tensor([0.5] + [0.5 / (t - 1)] * (t - 1), dtype=torch.float64)
+                k = (k * w.sqrt()[None, :, None]).sum(1)
+            keys[layer].append(k)
+            outputs[layer].append((k @ after.T.cpu()))
             apply(layer, delta, K)
         return write_layers(*args, apply=keep_apply, **kwargs)
 

@@ -190,6 +190,28 @@ def test_consecutive_batches_raise_their_targets_with_earlier_edits_weighed_more
         assert move(weighted, first[l]) < 0.5 * move(plain, before[l]), f"layer {l}"
 
 
+def test_edit_key_weight_per_layer(new_editor):
+    """A γ per edited layer: the same list everywhere is the scalar, and γ > 1 at the first edited layer alone
+    keeps the first batch's outputs there (its keys are the same for both editors: nothing is edited below)."""
+    n = len(HP["layers"])
+    plain = new_editor("llama", clamp_norm_factor=20.0)
+    lower = new_editor("llama", clamp_norm_factor=20.0, edit_key_weight=[8.0] + [1.0] * (n - 1))
+    same = new_editor("llama", clamp_norm_factor=20.0, edit_key_weight=[8.0] * n)
+    scalar = new_editor("llama", clamp_norm_factor=20.0, edit_key_weight=8.0)
+    for ed in (plain, lower, same, scalar):
+        ed.edit([R1])
+    first = HP["layers"][0]
+    keys = plain.layers[first].c_accu - plain.hparams.mom2_update_weight * plain.layers[first].c0.double()
+    before = {id(ed): ed.layers[first].delta.clone() for ed in (plain, lower)}
+    for ed in (plain, lower, same, scalar):
+        ed.edit([R2])
+    for l in HP["layers"]:
+        torch.testing.assert_close(same.layers[l].delta, scalar.layers[l].delta)
+    move = lambda ed: float(torch.trace((ed.layers[first].delta - before[id(ed)]).double() @ keys
+                                        @ (ed.layers[first].delta - before[id(ed)]).double().T))
+    assert move(lower) < 0.5 * move(plain)
+
+
 def test_consecutive_batches_raise_their_targets_reference_gate(new_editor, tokenizer):
     """The reference gate: the same edits take, and α (a z-score) is a running minimum."""
     editor = new_editor("llama", gate="reference")

@@ -195,6 +195,17 @@ def combine_keys(k: torch.Tensor, n_templates: int) -> torch.Tensor:
     return 0.5 * k[:, 0] + 0.5 * k[:, 1:].mean(1)
 
 
+def context_keys(k: torch.Tensor, n_templates: int) -> torch.Tensor:
+    """Rows √w_t·k_t per (request, template), with `combine_keys`' weights w_t: their Σ k kᵀ is the weighted mean
+    of the edit's keys' outer products, which keeps its output at each context's key, not only at the mean."""
+    k = k.to(torch.float64).view(-1, n_templates, k.shape[-1])
+    if n_templates == 1:
+        return k[:, 0]
+    w = torch.full((n_templates,), 0.5 / (n_templates - 1), dtype=torch.float64, device=k.device)
+    w[0] = 0.5
+    return (k * w.sqrt()[None, :, None]).reshape(-1, k.shape[-1])
+
+
 def subject_keys(model, tokenizer, layout: Layout, layer: int, requests: Sequence[Request], templates: Sequence[str]) -> torch.Tensor:
     """K (n, d_in) at `layer` for the model as it is (`combine_keys` of the subject's last token in each template)."""
     batch = key_prefixes(tokenizer, requests, templates, input_device(model))
@@ -257,6 +268,7 @@ def write_layers(
     solve: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
     apply: Callable[[int, torch.Tensor, torch.Tensor], None],
     progress: bool = False,
+    accumulated: str = "combined",
 ) -> dict[int, torch.Tensor]:
     """Write the targets into `layers` in order, spreading the residual over the layers left.
 
@@ -272,6 +284,8 @@ def write_layers(
     costs about 2n layer passes instead of a whole prefix pass per layer.
     Returns the keys per layer (to accumulate). K and R are on the device
     of layer l_i (a dispatched model's layers may be on several devices).
+    `accumulated`: the keys handed to `apply` and returned, `combined` (K,
+    one per request) or `contexts` (`context_keys`, one per request and template).
     """
     keys: dict[int, torch.Tensor] = {}
     last = layers[-1]
@@ -281,14 +295,14 @@ def write_layers(
     stream = (forward_from(model, layout, batch, 0, None, layout.layer_name(layers[0] - 1), inputs=False)
               if layers[0] > 0 else None)
     for i, layer in enumerate(tqdm(layers, desc="writing layers", disable=not progress)):
-        K = combine_keys(forward_from(model, layout, batch, layer, stream, layout.mlp_out_name(layer),
-                                      inputs=True)[:, -1], n_t)
+        raw = forward_from(model, layout, batch, layer, stream, layout.mlp_out_name(layer), inputs=True)[:, -1]
+        K = combine_keys(raw, n_t)
         current = forward_from(model, layout, batch, layer, stream, layout.layer_name(last), inputs=False,
                                rows=bare)[:, -1].to(torch.float64)
         R = ((targets.to(current.device) - current) / (len(layers) - i)).to(K.device)
         delta = solve(layer, R, K)
-        apply(layer, delta, K)
-        keys[layer] = K
+        keys[layer] = K if accumulated == "combined" else context_keys(raw, n_t)
+        apply(layer, delta, keys[layer])
         if i + 1 < len(layers):  # the input of the next edited layer, with this layer's new weights
             stream = forward_from(model, layout, batch, layer, stream, layout.layer_name(layers[i + 1] - 1),
                                   inputs=False)

@@ -222,7 +222,8 @@ class Editor:
                     hooks.set(l, s, gated=at_subject, open_last=at_subject)
 
                 def apply(layer: int, delta: torch.Tensor, keys: torch.Tensor) -> None:
-                    bad_keys = (~torch.isfinite(keys).all(dim=1)).nonzero().flatten().tolist()
+                    per = keys.shape[0] // len(batch)  # rows per request (`accumulated_keys: contexts`: one a template)
+                    bad_keys = sorted({i // per for i in (~torch.isfinite(keys).all(dim=1)).nonzero().flatten().tolist()})
                     if bad_keys:
                         raise EditError(f"layer {layer}: the keys of request(s) {_names(batch, bad_keys)} are not "
                                         "finite; nothing was written")
@@ -241,6 +242,7 @@ class Editor:
                     self.model, self.tokenizer, self.layout, batch, hp.layers, self.templates, z,
                     solve=lambda l, R, K: solve_update(R, K, weighted_covariance(
                         new[l].c_accu, new[l].c0, hp.mom2_update_weight, hp.key_weight(l))), apply=apply,
+                    accumulated=hp.accumulated_keys,
                 )
                 # 3. α: span gate — calibrated on held-back general text under the new hooks;
                 if hp.gate == "span":

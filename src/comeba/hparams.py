@@ -18,6 +18,7 @@ IGNORED_KEYS = {
 }
 GATES = ("span", "reference")
 WRITE_GATES = ("open", "subject")
+ACCUMULATED_KEYS = ("combined", "contexts")
 OPTIMIZERS = ("lbfgs", "adam")
 V_DTYPES = ("float32", "bfloat16", "auto")
 ALIASES = {"mom2_n_samples": "mom2_n_tokens", "threshold": "alpha", "init_alpha": "alpha"}
@@ -112,6 +113,12 @@ class HParams:
         "span gate: earlier edits (a fixed-size uniform sample of all so far) whose subjects every calibration keeps "
         "open as far as `gate_false_open_max` allows, besides the batch's own; 0 keeps only the batch's (128 at 1,000 "
         "edits cost 13 points of locality for 0.6 of reliability: see [The gate](#the-gate))")
+    accumulated_keys: str = _setting(
+        "combined",
+        "the keys of a batch that join C_accu and the span gate: `combined` (as the reference: the one key per edit "
+        "the solve fits, ½ bare prompt + ½ mean of the context templates) or `contexts` (each context's key with the "
+        "same weights, so later batches keep the edit's output at the keys it is read at, not only at their mean; "
+        "see [The gate](#the-gate))")
     write_gate: str = _setting(
         "open",
         "hooks while a batch is written: `open` (as the reference: every edited layer outputs W_h·k at every token "
@@ -176,6 +183,9 @@ class HParams:
             raise HParamsError(f"v_dtype must be one of {', '.join(V_DTYPES)}, got {self.v_dtype!r}")
         if self.gate not in GATES:
             raise HParamsError(f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
+        if self.accumulated_keys not in ACCUMULATED_KEYS:
+            raise HParamsError(f"accumulated_keys must be one of {', '.join(ACCUMULATED_KEYS)}, "
+                               f"got {self.accumulated_keys!r}")
         if self.write_gate not in WRITE_GATES:
             raise HParamsError(f"write_gate must be one of {', '.join(WRITE_GATES)}, got {self.write_gate!r}")
         if not 0 < self.gate_false_open < 1:
