@@ -212,6 +212,22 @@ def test_edit_key_weight_per_layer(new_editor):
     assert move(lower) < 0.5 * move(plain)
 
 
+def test_consecutive_batches_with_context_keys_accumulated(new_editor, tokenizer):
+    """accumulated_keys: contexts — the same edits take; each batch adds one key direction per request and
+    template to C_accu (here 1 + 1 templates), against one per request when combined."""
+    _consecutive_batches(new_editor("llama", accumulated_keys="contexts"), tokenizer)
+    combined = new_editor("llama")
+    contexts = new_editor("llama", accumulated_keys="contexts")
+    n_templates = len(contexts.templates)
+    assert n_templates > 1
+    for ed in (combined, contexts):
+        ed.edit([R1])
+    for l in combined.layers:
+        rank = lambda ed: int(torch.linalg.matrix_rank(ed.layers[l].c_accu - ed.hparams.mom2_update_weight
+                                                       * ed.layers[l].c0.double(), rtol=1e-8))
+        assert rank(combined) == 1 and rank(contexts) == n_templates, l
+
+
 def test_consecutive_batches_raise_their_targets_reference_gate(new_editor, tokenizer):
     """The reference gate: the same edits take, and α (a z-score) is a running minimum."""
     editor = new_editor("llama", gate="reference")

@@ -337,3 +337,21 @@ def test_bfloat16_projections_track_float32_and_leave_the_model_as_it_was(arch, 
 def test_v_dtype_is_validated():
     with pytest.raises(HParamsError, match="v_dtype"):
         HParams(v_dtype="float16")
+
+
+def test_context_keys_keep_each_contexts_outer_product():
+    """accumulated_keys: contexts — the rows' Σ k kᵀ is the weighted mean of each template key's outer product
+    (combine_keys' weights), and the weighted rows sum back to the combined key."""
+    from comeba.compute import combine_keys, context_keys
+
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(2 * 3, 7, generator=g)  # 2 requests × 3 templates
+    rows = context_keys(k, 3).view(2, 3, 7)
+    w = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
+    kk = k.double().view(2, 3, 7)
+    for i in range(2):
+        torch.testing.assert_close(rows[i].T @ rows[i], (kk[i].T * w) @ kk[i])
+        torch.testing.assert_close((rows[i] * w.sqrt()[:, None]).sum(0), combine_keys(k, 3)[i])
+    torch.testing.assert_close(context_keys(k[:2], 1), k[:2].double())
+    with pytest.raises(HParamsError, match="accumulated_keys"):
+        HParams(accumulated_keys="mean")
