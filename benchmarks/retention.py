@@ -4,6 +4,7 @@
     python benchmarks/retention.py diagnose OUT/1000                                 # ~10 min
     python benchmarks/retention.py regate OUT/1000 OUT2 --hparam gate_span_beta=0.1  # then diagnose OUT2
     python benchmarks/retention.py drift OUT/1000                                    # ~2 min
+    python benchmarks/retention.py contexts OUT/200 OUT/1000                         # ~1 min
 
 `write` edits counterfact-scale.json records start..start+n−1 (none in the dev file; the
 scale protocol scores 0..999, so tune on --start 1000) in
@@ -36,6 +37,10 @@ gate from the start writes later batches under it too).
 `drift STATE` asks whether an old edit's hook output moved because later batches wrote over it at
 its key (interference) or because the key itself moved (the hooks below the layer answer differently
 now). Writes STATE/drift.json.
+
+`contexts EARLY LATE` asks which of an edit's keys the solve protects: between two states of one run,
+how much the first edited layer's output moved at the first 100 records' combined key (the one the
+solve fits and C_accu accumulates by default) and at their bare prompt's key (the one reliability reads).
 
 `capacity STATE` asks how full each edited layer's key space is: the
 eigenvalues of the edited keys' Σ K Kᵀ whitened by C0 (S = C0^-½ Σ K Kᵀ
@@ -269,6 +274,37 @@ def drift(state: Path, threads: int) -> dict:
     return out
 
 
+def contexts(early: Path, late: Path, threads: int, n: int = 100) -> dict:
+    """Which key does the solve protect? Between two states of one `write` run, how much the first edited layer's
+    output moved for the first n records at their combined key (the one C_accu accumulates by default) and at
+    the bare prompt's key (the one reliability reads); that layer's keys do not move, so this is overwriting
+    alone. Then the bare prompt's key move at the layers above (whitened, as `drift`)."""
+    from comeba.compute import subject_keys
+
+    torch.set_num_threads(threads)
+    model, tokenizer = load_model("embedded")
+    a = Editor.from_pretrained(model, tokenizer, early, progress=False)
+    b = Editor.from_pretrained(model, tokenizer, late, progress=False)
+    requests = load_counterfact(SCALE, _first_record(late), n).requests
+    first = a.hparams.layers[0]
+    out = {"early": str(early), "late": str(late), "records": n, "first_layer_output_moved": {}, "bare_key_moved": {}}
+    with torch.no_grad():
+        for name, templates in (("combined", a.templates), ("bare", ["{}"])):
+            k = subject_keys(model, tokenizer, a.layout, first, requests, templates).double().cpu()
+            wa, wb = a.layers[first].delta.double().cpu(), b.layers[first].delta.double().cpu()
+            moved = (k @ (wb - wa).T).norm(dim=1) / (k @ wa.T).norm(dim=1)
+            out["first_layer_output_moved"][name] = round(float(moved.median()), 3)
+        for l in a.hparams.layers[1:]:
+            with a.applied():
+                ka = subject_keys(model, tokenizer, a.layout, l, requests, ["{}"]).double().cpu()
+            with b.applied():
+                kb = subject_keys(model, tokenizer, b.layout, l, requests, ["{}"]).double().cpu()
+            p = b.layers[l].span.whiten.double().cpu()
+            out["bare_key_moved"][l] = round(float(((kb - ka) @ p.T).norm(dim=1).div((ka @ p.T).norm(dim=1)).median()), 3)
+    (late / f"contexts-since-{a.n_edits}.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
 def capacity(state: Path) -> dict:
     model, tokenizer = load_model("embedded")
     editor = Editor.from_pretrained(model, tokenizer, state, progress=False)
@@ -310,6 +346,10 @@ def main(argv=None) -> int:
     r = sub.add_parser("drift")
     r.add_argument("state")
     r.add_argument("--threads", type=int, default=1)
+    x = sub.add_parser("contexts")
+    x.add_argument("early")
+    x.add_argument("late")
+    x.add_argument("--threads", type=int, default=1)
     c = sub.add_parser("capacity")
     c.add_argument("state")
     args = p.parse_args(argv)
@@ -325,6 +365,8 @@ def main(argv=None) -> int:
         print(json.dumps(regate(Path(args.state), Path(args.out), overrides, args.threads), indent=1))
     elif args.command == "drift":
         print(json.dumps(drift(Path(args.state), args.threads)["layers"], indent=1))
+    elif args.command == "contexts":
+        print(json.dumps(contexts(Path(args.early), Path(args.late), args.threads), indent=1))
     elif args.command == "capacity":
         print(json.dumps(capacity(Path(args.state)), indent=1))
     else:
