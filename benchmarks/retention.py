@@ -59,7 +59,7 @@ from pathlib import Path
 
 import torch
 
-from comeba.compute import forward_from, key_prefixes
+from comeba.compute import forward_from, key_prefixes, subject_keys, template_weights
 from comeba.corpus import text_corpus
 from comeba.data import load_counterfact
 from comeba.diagnostics import gate_report, general_text_sample, subject_gates, subject_items, text_pass
@@ -99,11 +99,10 @@ def write(out: Path, n: int, overrides: dict, threads: int, start: int = 0) -> N
         def keep_apply(layer: int, delta: torch.Tensor, K: torch.Tensor) -> None:
             after = editor.layers[layer].delta.double() + delta.double()
             k = K.detach().double().cpu()
-            if len(k) > len(args[3]):  # `accumulated_keys: contexts`: rows √w_t·k_t, combined as Σ_t √w_t·row
-                k = k.view(len(args[3]), -1, k.shape[-1])
-                t = k.shape[1]
-                w = torch.tensor([0.5] + [0.5 / (t - 1)] * (t - 1), dtype=torch.float64)
-                k = (k * w.sqrt()[None, :, None]).sum(1)
+            n_requests = len(args[3])  # write_layers(model, tokenizer, layout, requests, ...), as Editor.edit calls it
+            if len(k) > n_requests:  # `accumulated_keys: contexts`: rows √w_t·k_t, combined as Σ_t √w_t·row
+                k = k.view(n_requests, -1, k.shape[-1])
+                k = (k * template_weights(k.shape[1]).sqrt()[None, :, None]).sum(1)
             keys[layer].append(k)
             outputs[layer].append((k @ after.T.cpu()))
             apply(layer, delta, K)
@@ -236,6 +235,17 @@ def diagnose(state: Path, threads: int) -> dict:
     return out
 
 
+def _need_span(state: Path, editor: Editor, what: str) -> None:
+    if any(s.span is None for s in editor.layers.values()):
+        raise SystemExit(f"{state}: {what} needs a span-gate state (C0 and the gate's whitening)")
+
+
+def _whitened_move(old: torch.Tensor, new: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
+    """‖P(new − old)‖ / ‖P old‖ per row, P = L⁻¹ the span gate's whitening (λC0 = L Lᵀ)."""
+    p = whiten.double().cpu()
+    return ((new - old) @ p.T).norm(dim=1) / (old @ p.T).norm(dim=1)
+
+
 def drift(state: Path, threads: int) -> dict:
     """Does an old edit's value fade because later batches overwrite it at its key (interference), or because
     its key itself has moved (the edited layers below it answer differently now)?
@@ -245,11 +255,10 @@ def drift(state: Path, threads: int) -> dict:
     ‖ΔW_now k_now − o_w‖, with k_now the key under the hooks as at inference; and the key's own move
     ‖L⁻¹(k_now − k_w)‖ / ‖L⁻¹ k_w‖ in C0's whitening (λC0 = L Lᵀ). Medians by age.
     """
-    from comeba.compute import subject_keys
-
     torch.set_num_threads(threads)
     model, tokenizer = load_model("embedded")
     editor = Editor.from_pretrained(model, tokenizer, state, progress=False)
+    _need_span(state, editor, "drift")
     n = editor.n_edits
     requests = load_counterfact(SCALE, _first_record(state), n).requests
     written = torch.load(state / "keys.pt")
@@ -264,8 +273,7 @@ def drift(state: Path, threads: int) -> dict:
         rel = {"interference": (k_w @ w.T - o_w).norm(dim=1) / scale,
                "drift": ((now[l] - k_w) @ w.T).norm(dim=1) / scale,
                "total": (now[l] @ w.T - o_w).norm(dim=1) / scale}
-        p = s.span.whiten.double().cpu()
-        rel["key_move"] = ((now[l] - k_w) @ p.T).norm(dim=1) / (k_w @ p.T).norm(dim=1)
+        rel["key_move"] = _whitened_move(k_w, now[l], s.span.whiten)
         out["layers"][l] = [{"records": f"{lo}-{min(n, lo + 100) - 1}",
                              **{k: round(float(v[lo:lo + 100].median()), 3) for k, v in rel.items()}}
                             for lo in range(0, n, 100)]
@@ -279,19 +287,18 @@ def contexts(early: Path, late: Path, threads: int, n: int = 100) -> dict:
     output moved for the first n records at their combined key (the one C_accu accumulates by default) and at
     the bare prompt's key (the one reliability reads); that layer's keys do not move, so this is overwriting
     alone. Then the bare prompt's key move at the layers above (whitened, as `drift`)."""
-    from comeba.compute import subject_keys
-
     torch.set_num_threads(threads)
     model, tokenizer = load_model("embedded")
     a = Editor.from_pretrained(model, tokenizer, early, progress=False)
     b = Editor.from_pretrained(model, tokenizer, late, progress=False)
+    _need_span(late, b, "contexts")
     requests = load_counterfact(SCALE, _first_record(late), n).requests
     first = a.hparams.layers[0]
     out = {"early": str(early), "late": str(late), "records": n, "first_layer_output_moved": {}, "bare_key_moved": {}}
     with torch.no_grad():
+        wa, wb = a.layers[first].delta.double().cpu(), b.layers[first].delta.double().cpu()
         for name, templates in (("combined", a.templates), ("bare", ["{}"])):
             k = subject_keys(model, tokenizer, a.layout, first, requests, templates).double().cpu()
-            wa, wb = a.layers[first].delta.double().cpu(), b.layers[first].delta.double().cpu()
             moved = (k @ (wb - wa).T).norm(dim=1) / (k @ wa.T).norm(dim=1)
             out["first_layer_output_moved"][name] = round(float(moved.median()), 3)
         for l in a.hparams.layers[1:]:
@@ -299,8 +306,7 @@ def contexts(early: Path, late: Path, threads: int, n: int = 100) -> dict:
                 ka = subject_keys(model, tokenizer, a.layout, l, requests, ["{}"]).double().cpu()
             with b.applied():
                 kb = subject_keys(model, tokenizer, b.layout, l, requests, ["{}"]).double().cpu()
-            p = b.layers[l].span.whiten.double().cpu()
-            out["bare_key_moved"][l] = round(float(((kb - ka) @ p.T).norm(dim=1).div((ka @ p.T).norm(dim=1)).median()), 3)
+            out["bare_key_moved"][l] = round(float(_whitened_move(ka, kb, b.layers[l].span.whiten).median()), 3)
     (late / f"contexts-since-{a.n_edits}.json").write_text(json.dumps(out, indent=1))
     return out
 
@@ -308,11 +314,10 @@ def contexts(early: Path, late: Path, threads: int, n: int = 100) -> dict:
 def capacity(state: Path) -> dict:
     model, tokenizer = load_model("embedded")
     editor = Editor.from_pretrained(model, tokenizer, state, progress=False)
+    _need_span(state, editor, "capacity")
     lam = editor.hparams.mom2_update_weight
     out = {"state": str(state), "edits": editor.n_edits, "lambda": lam, "layers": {}}
     for l, s in editor.layers.items():
-        if s.span is None:
-            raise SystemExit(f"{state}: capacity needs a span-gate state (C0 and the gate's whitening)")
         # the gate's own whitening P = L⁻¹ (λC0 = L Lᵀ): S_w = P Σ K Kᵀ Pᵀ has the eigenvalues of
         # C0^-½ Σ K Kᵀ C0^-½ / λ, so an eigenvalue above 1 is a direction where the edits outweigh λC0
         p = s.span.whiten.double()

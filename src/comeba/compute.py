@@ -195,14 +195,21 @@ def combine_keys(k: torch.Tensor, n_templates: int) -> torch.Tensor:
     return 0.5 * k[:, 0] + 0.5 * k[:, 1:].mean(1)
 
 
-def context_keys(k: torch.Tensor, n_templates: int) -> torch.Tensor:
-    """Rows √w_t·k_t per (request, template), with `combine_keys`' weights w_t: their Σ k kᵀ is the weighted mean
-    of the edit's keys' outer products, which keeps its output at each context's key, not only at the mean."""
-    k = k.to(torch.float64).view(-1, n_templates, k.shape[-1])
+def template_weights(n_templates: int) -> torch.Tensor:
+    """`combine_keys`' weights w_t: ½ for the bare prompt, the other ½ shared by the other templates."""
     if n_templates == 1:
-        return k[:, 0]
-    w = torch.full((n_templates,), 0.5 / (n_templates - 1), dtype=torch.float64, device=k.device)
+        return torch.ones(1, dtype=torch.float64)
+    w = torch.full((n_templates,), 0.5 / (n_templates - 1), dtype=torch.float64)
     w[0] = 0.5
+    return w
+
+
+def context_keys(k: torch.Tensor, n_templates: int) -> torch.Tensor:
+    """Rows √w_t·k_t per (request, template), with `template_weights`: their Σ k kᵀ is the weighted mean of the
+    edit's keys' outer products, which keeps its output at each context's key, not only at the mean (and
+    Σ_t √w_t·row is the combined key)."""
+    k = k.to(torch.float64).view(-1, n_templates, k.shape[-1])
+    w = template_weights(n_templates).to(k.device)
     return (k * w.sqrt()[None, :, None]).reshape(-1, k.shape[-1])
 
 
