@@ -242,7 +242,7 @@ class Editor:
                     self.model, self.tokenizer, self.layout, batch, hp.layers, self.templates, z,
                     solve=lambda l, R, K: solve_update(R, K, weighted_covariance(
                         new[l].c_accu, new[l].c0, hp.mom2_update_weight, hp.key_weight(l))), apply=apply,
-                    accumulated=hp.accumulated_keys,
+                    accumulated=hp.accumulated_keys, fit=hp.fit_keys,
                 )
                 # 3. α: span gate — calibrated on held-back general text under the new hooks;
                 if hp.gate == "span":

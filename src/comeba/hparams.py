@@ -19,6 +19,7 @@ IGNORED_KEYS = {
 GATES = ("span", "reference")
 WRITE_GATES = ("open", "subject")
 ACCUMULATED_KEYS = ("combined", "contexts")
+FIT_KEYS = ACCUMULATED_KEYS
 OPTIMIZERS = ("lbfgs", "adam")
 V_DTYPES = ("float32", "bfloat16", "auto")
 ALIASES = {"mom2_n_samples": "mom2_n_tokens", "threshold": "alpha", "init_alpha": "alpha"}
@@ -119,6 +120,11 @@ class HParams:
         "the solve fits, ½ bare prompt + ½ mean of the context templates) or `contexts` (each context's key with the "
         "same weights, so later batches keep the edit's output at the keys it is read at, not only at their mean; "
         "see [The gate](#the-gate))")
+    fit_keys: str = _setting(
+        "combined",
+        "the keys a batch's solve maps to the edit's residual: `combined` (as the reference and MEMIT: Δ fits the "
+        "one combined key) or `contexts` (least squares over each context's key with the same weights; the same "
+        "R Kᵀ, solved against Σ w_t k_t k_tᵀ instead of K Kᵀ)")
     write_gate: str = _setting(
         "open",
         "hooks while a batch is written: `open` (as the reference: every edited layer outputs W_h·k at every token "
@@ -186,6 +192,8 @@ class HParams:
         if self.accumulated_keys not in ACCUMULATED_KEYS:
             raise HParamsError(f"accumulated_keys must be one of {', '.join(ACCUMULATED_KEYS)}, "
                                f"got {self.accumulated_keys!r}")
+        if self.fit_keys not in FIT_KEYS:
+            raise HParamsError(f"fit_keys must be one of {', '.join(FIT_KEYS)}, got {self.fit_keys!r}")
         if self.write_gate not in WRITE_GATES:
             raise HParamsError(f"write_gate must be one of {', '.join(WRITE_GATES)}, got {self.write_gate!r}")
         if not 0 < self.gate_false_open < 1:
