@@ -918,3 +918,15 @@ def test_edit_delivers_most_of_its_target_values_gain(arch, new_editor, tokenize
     gain, wanted = math.log(after / before), math.log(with_z / before)
     assert wanted > 0.3, (before, with_z)  # the optimisation found a clearly better value
     assert gain >= 0.8 * wanted, (before, after, with_z)
+
+
+def test_consecutive_batches_fitting_every_contexts_key(new_editor, tokenizer):
+    """fit_keys: contexts — the same edits take, and the update differs from the combined key's fit (the
+    contexts' keys differ), so the option reaches the solve."""
+    _consecutive_batches(new_editor("llama", accumulated_keys="contexts", fit_keys="contexts"), tokenizer)
+    combined = new_editor("llama", accumulated_keys="contexts")
+    fit = new_editor("llama", accumulated_keys="contexts", fit_keys="contexts")
+    for ed in (combined, fit):
+        ed.edit([R1])
+    for l in combined.layers:
+        assert not torch.allclose(combined.layers[l].delta, fit.layers[l].delta, rtol=1e-3, atol=0), l
