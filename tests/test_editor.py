@@ -212,11 +212,11 @@ def test_edit_key_weight_per_layer(new_editor):
     assert move(lower) < 0.5 * move(plain)
 
 
-def test_consecutive_batches_with_context_keys_accumulated(new_editor, tokenizer):
-    """accumulated_keys: contexts — the same edits take; each batch adds one key direction per request and
-    template to C_accu (here 1 + 1 templates), against one per request when combined."""
-    _consecutive_batches(new_editor("llama", accumulated_keys="contexts"), tokenizer)
-    combined = new_editor("llama")
+def test_consecutive_batches_with_combined_keys_accumulated(new_editor, tokenizer):
+    """accumulated_keys: contexts (the default) adds one key direction per request and template to C_accu
+    (here 1 + 1 templates); combined (the reference) one per request, and its edits take as well."""
+    _consecutive_batches(new_editor("llama", accumulated_keys="combined"), tokenizer)
+    combined = new_editor("llama", accumulated_keys="combined")
     contexts = new_editor("llama", accumulated_keys="contexts")
     n_templates = len(contexts.templates)
     assert n_templates > 1
@@ -729,9 +729,11 @@ def test_state_saved_by_an_earlier_version_still_loads(new_editor, make_tiny, to
     config = json.loads(path.read_text())
     config["base_model"]["fingerprint"] = legacy_fingerprint(editor.model)
     del config["hparams"]["gate_span_beta"]  # a state saved before that setting existed was made with β = 1
+    del config["hparams"]["accumulated_keys"]  # and with the combined keys alone
     path.write_text(json.dumps(config))
     again = Editor.from_pretrained(editor.model, tokenizer, tmp_path / "state")
     assert again.n_batches == editor.n_batches and again.hparams.gate_span_beta == 1.0
+    assert again.hparams.accumulated_keys == "combined"
     config["base_model"]["fingerprint"] = legacy_fingerprint(make_tiny("gpt2", seed=1))
     path.write_text(json.dumps(config))
     with pytest.raises(StateError, match="fingerprint"):
