@@ -164,8 +164,8 @@ def test_editor_span_gates_are_those_of_its_accumulated_keys(new_editor):
     for l, st in editor.layers.items():
         full = span_gate(st.c0, st.c_accu, hp.mom2_update_weight, hp.gate_span_beta)
         torch.testing.assert_close(st.span.span, full.span, rtol=0, atol=1e-5)
-        # it started unedited: H's factor has one column per edit
-        assert st.span.factor is not None and st.span.factor.shape[1] == 3
+        # it started unedited: H's factor has one column per accumulated key (`contexts`: one a template)
+        assert st.span.factor is not None and st.span.factor.shape[1] == 3 * len(editor.templates)
         torch.testing.assert_close(st.span.factor @ st.span.factor.T, st.span.span, rtol=0, atol=1e-6)
 
 
