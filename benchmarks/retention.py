@@ -40,7 +40,7 @@ now). Writes STATE/drift.json.
 
 `contexts EARLY LATE` asks which of an edit's keys the solve protects: between two states of one run,
 how much the first edited layer's output moved at the first 100 records' combined key (the one the
-solve fits and C_accu accumulates by default) and at their bare prompt's key (the one reliability reads).
+solve fits, and the only one C_accu accumulates with `accumulated_keys: combined`) and at their bare prompt's key (the one reliability reads).
 
 `capacity STATE` asks how full each edited layer's key space is: the
 eigenvalues of the edited keys' Σ K Kᵀ whitened by C0 (S = C0^-½ Σ K Kᵀ
@@ -284,7 +284,7 @@ def drift(state: Path, threads: int) -> dict:
 
 def contexts(early: Path, late: Path, threads: int, n: int = 100) -> dict:
     """Which key does the solve protect? Between two states of one `write` run, how much the first edited layer's
-    output moved for the first n records at their combined key (the one C_accu accumulates by default) and at
+    output moved for the first n records at their combined key (the one the solve fits by default) and at
     the bare prompt's key (the one reliability reads); that layer's keys do not move, so this is overwriting
     alone. Then the bare prompt's key move at the layers above (whitened, as `drift`)."""
     torch.set_num_threads(threads)
