@@ -358,9 +358,9 @@ def test_context_keys_keep_each_contexts_outer_product():
 
 
 def test_context_fit_is_the_weighted_least_squares_over_contexts():
-    """fit_keys: contexts — solving the rows of `context_fit` minimises Σ_i Σ_t w_t ‖Δ k_it − r_i‖² + tr(Δ C Δᵀ)
+    """fit_keys: contexts — solving `context_residuals` against `context_keys` minimises Σ_i Σ_t w_t ‖Δ k_it − r_i‖² + tr(Δ C Δᵀ)
     (its gradient vanishes), shares the combined fit's R Kᵀ, and is the combined fit with one template."""
-    from comeba.compute import combine_keys, context_fit, solve_update
+    from comeba.compute import combine_keys, context_keys, context_residuals, solve_update
 
     g = torch.Generator().manual_seed(2)
     n, n_t, d_in, d_out = 3, 3, 6, 4
@@ -368,14 +368,14 @@ def test_context_fit_is_the_weighted_least_squares_over_contexts():
     r = torch.randn(n, d_out, generator=g, dtype=torch.float64)
     a = torch.randn(d_in, d_in, generator=g, dtype=torch.float64)
     c = a @ a.T + torch.eye(d_in, dtype=torch.float64)
-    rows, keys = context_fit(r, k, n_t)
+    rows, keys = context_residuals(r, n_t), context_keys(k, n_t)
     delta = solve_update(rows, keys, c)
     w = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
     kk = k.view(n, n_t, d_in)
     grad = delta @ c + sum(w[t] * torch.outer(delta @ kk[i, t] - r[i], kk[i, t]) for i in range(n) for t in range(n_t))
     torch.testing.assert_close(grad, torch.zeros_like(grad), atol=1e-9, rtol=0)
     torch.testing.assert_close(rows.T @ keys, r.T @ combine_keys(k, n_t))
-    one_rows, one_keys = context_fit(r, k[:n], 1)
+    one_rows, one_keys = context_residuals(r, 1), context_keys(k[:n], 1)
     torch.testing.assert_close(solve_update(one_rows, one_keys, c), solve_update(r, k[:n], c))
     with pytest.raises(HParamsError, match="fit_keys"):
         HParams(fit_keys="mean")

@@ -213,13 +213,12 @@ def context_keys(k: torch.Tensor, n_templates: int) -> torch.Tensor:
     return (k * w.sqrt()[None, :, None]).reshape(-1, k.shape[-1])
 
 
-def context_fit(residuals: torch.Tensor, k: torch.Tensor, n_templates: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual and key rows for fitting every context's key: Σ_t w_t ‖Δk_t − r‖² + ‖Δ‖²_C, in `solve_update`'s
-    least-squares form. Its R Kᵀ equals the combined key's (Σ_t w_t k_t = K); only the covariance in the solve
-    changes, from K Kᵀ to Σ_t w_t k_t k_tᵀ, which also holds the spread of the contexts' keys."""
+def context_residuals(residuals: torch.Tensor, n_templates: int) -> torch.Tensor:
+    """Each request's residual once per template, scaled by √w_t: with `context_keys` as the keys, `solve_update`
+    then minimises Σ_t w_t ‖Δk_t − r‖² + ‖Δ‖²_C (fitting every context's key). Its R Kᵀ equals the combined
+    key's (Σ_t w_t k_t = K); only the covariance in the solve changes, from K Kᵀ to Σ_t w_t k_t k_tᵀ."""
     w = template_weights(n_templates).to(residuals.device).sqrt()
-    rows = (residuals.to(torch.float64)[:, None, :] * w[None, :, None]).reshape(-1, residuals.shape[-1])
-    return rows, context_keys(k, n_templates).to(residuals.device)
+    return (residuals.to(torch.float64)[:, None, :] * w[None, :, None]).reshape(-1, residuals.shape[-1])
 
 
 def subject_keys(model, tokenizer, layout: Layout, layer: int, requests: Sequence[Request], templates: Sequence[str]) -> torch.Tensor:
@@ -304,8 +303,8 @@ def write_layers(
     `accumulated`: the keys handed to `apply` and returned, `combined` (K,
     one per request) or `contexts` (`context_keys`, one per request and template).
     `fit`: the keys `solve` maps to the residuals, `combined` (as MEMIT) or
-    `contexts` (`context_keys`, each row's residual scaled by the same √w_t:
-    least squares over every context's key).
+    `contexts` (`context_keys`, with `context_residuals`: least squares over
+    every context's key).
     """
     keys: dict[int, torch.Tensor] = {}
     last = layers[-1]
@@ -320,8 +319,9 @@ def write_layers(
         current = forward_from(model, layout, batch, layer, stream, layout.layer_name(last), inputs=False,
                                rows=bare)[:, -1].to(torch.float64)
         R = ((targets.to(current.device) - current) / (len(layers) - i)).to(K.device)
-        delta = solve(layer, R, K) if fit == "combined" else solve(layer, *context_fit(R, raw, n_t))
-        keys[layer] = K if accumulated == "combined" else context_keys(raw, n_t)
+        rows = context_keys(raw, n_t) if "contexts" in (fit, accumulated) else None
+        delta = solve(layer, R, K) if fit == "combined" else solve(layer, context_residuals(R, n_t), rows)
+        keys[layer] = K if accumulated == "combined" else rows
         apply(layer, delta, keys[layer])
         if i + 1 < len(layers):  # the input of the next edited layer, with this layer's new weights
             stream = forward_from(model, layout, batch, layer, stream, layout.layer_name(layers[i + 1] - 1),
