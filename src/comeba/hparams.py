@@ -71,6 +71,10 @@ class HParams:
     clamp_norm_factor: float = _setting(4.0, "δ is kept within this × ‖h‖")
     kl_factor: float = _setting(0.0625, "weight of the KL term on the \"{subject} is a\" prompt")
     early_stop_loss: float = _setting(0.05, "stop the optimisation below this loss")
+    v_overshoot: float = _setting(
+        1.0,
+        "c: the batch writes Z = h + c·δ, the found δ stretched by c, so that an edit still holds after later "
+        "batches have worn part of its value away (1: as the reference)")
     mom2_update_weight: float = _setting(1000.0, "λ in C_accu = λ·C0 + Σ K Kᵀ (C0 normalised per token)")
     edit_key_weight: float | list[float] = _setting(
         1.0,
@@ -163,7 +167,7 @@ class HParams:
             raise HParamsError(f"layers must be increasing and distinct, got {self.layers!r}")
         if self.fact_token != "subject_last":
             raise HParamsError(f"fact_token {self.fact_token!r} is not supported (only 'subject_last')")
-        for name in ("v_lr", "mom2_update_weight", "clamp_norm_factor"):
+        for name in ("v_lr", "mom2_update_weight", "clamp_norm_factor", "v_overshoot"):
             if not getattr(self, name) > 0:
                 raise HParamsError(f"{name} must be positive, got {getattr(self, name)!r}")
         for name in ("v_num_grad_steps", "mom2_n_tokens", "batch_size"):

@@ -482,7 +482,8 @@ def target_values(
     progress: bool = True,
     chunk: int = 32,
 ) -> torch.Tensor:
-    """Z (n, d_model): the output of the last edited layer at the subject that makes each target likely.
+    """Z (n, d_model): the output of the last edited layer at the subject that makes each target likely
+    (h + δ, with δ stretched by `hp.v_overshoot`).
 
     Optimises δ added at layer l_n's output (subject's last token) with the
     optimiser `hp.v_optimizer`; only δ takes gradients. Requests are processed
@@ -499,7 +500,7 @@ def target_values(
                 delta, loss, passes = OPTIMISERS[hp.v_optimizer](obj, hp)
                 log.debug("target values (%s): passes %s, final losses %s", hp.v_optimizer, passes.tolist(),
                           [round(v, 4) for v in loss.tolist()])
-                out.append((obj.h_init + delta).to(torch.float64))
+                out.append((obj.h_init + hp.v_overshoot * delta).to(torch.float64))
                 bar.update(len(part))
         finally:
             bar.close()
