@@ -124,6 +124,17 @@ def test_target_values_match_per_chunk(setup):
     torch.testing.assert_close(z_all, z_chunks, rtol=1e-4, atol=1e-4)
 
 
+def test_overshoot_stretches_the_found_step(setup):
+    """v_overshoot c writes h + c·δ with the δ that c = 1 finds: equal steps between c = 1, 2, 3."""
+    model, tok, layout, reqs, templates = setup
+    z1, z2, z3 = (target_values(model, tok, layout, reqs, HP.replace(v_overshoot=c), templates, progress=False)
+                  for c in (1.0, 2.0, 3.0))
+    assert float((z2 - z1).norm()) > 1e-3
+    torch.testing.assert_close(z3 - z2, z2 - z1, rtol=1e-4, atol=1e-4)
+    with pytest.raises(HParamsError, match="v_overshoot"):
+        HParams(v_overshoot=0)
+
+
 def test_unknown_optimiser_is_refused():
     from comeba.hparams import OPTIMIZERS
 
