@@ -74,7 +74,8 @@ class HParams:
     v_overshoot: float = _setting(
         1.0,
         "c: the batch writes Z = h + c·δ, the found δ stretched by c, so that an edit still holds after later "
-        "batches have worn part of its value away (1: as the reference)")
+        "batches have worn part of its value away (1: as the reference; 1.5 lost 8–10 points of reliability at 1,000 "
+        "edits: the stretched step no longer points at the target, see [The gate](#the-gate))")
     mom2_update_weight: float = _setting(1000.0, "λ in C_accu = λ·C0 + Σ K Kᵀ (C0 normalised per token)")
     edit_key_weight: float | list[float] = _setting(
         1.0,
