@@ -171,8 +171,8 @@ def test_consecutive_batches_raise_their_targets_written_under_the_inference_gat
 def test_consecutive_batches_raise_their_targets_with_earlier_edits_weighed_more(new_editor, tokenizer):
     """edit_key_weight > 1: each batch is solved against λC0 + γ Σ_past K Kᵀ; edits still take, the first batch
     is written as with γ = 1 (nothing earlier to weigh), and the second moves the first's keys less."""
-    plain, weighted = new_editor("llama", clamp_norm_factor=20.0), new_editor("llama", clamp_norm_factor=20.0,
-                                                                              edit_key_weight=8.0)
+    plain = new_editor("llama", clamp_norm_factor=20.0, edit_key_weight=1.0)
+    weighted = new_editor("llama", clamp_norm_factor=20.0, edit_key_weight=8.0)
     for ed in (plain, weighted):
         ed.edit([R1])
     for l in plain.layers:
@@ -191,22 +191,26 @@ def test_consecutive_batches_raise_their_targets_with_earlier_edits_weighed_more
 
 
 def test_edit_key_weight_per_layer(new_editor):
-    """A γ per edited layer: the same list everywhere is the scalar, and γ > 1 at the first edited layer alone
-    keeps the first batch's outputs there (its keys are the same for both editors: nothing is edited below)."""
+    """A γ per edited layer: the same list everywhere is the scalar, `auto` is 16 below the last layer and 1
+    at it, and γ > 1 at the first edited layer alone keeps the first batch's outputs there (its keys are the
+    same for both editors: nothing is edited below)."""
     n = len(HP["layers"])
-    plain = new_editor("llama", clamp_norm_factor=20.0)
+    plain = new_editor("llama", clamp_norm_factor=20.0, edit_key_weight=1.0)
     lower = new_editor("llama", clamp_norm_factor=20.0, edit_key_weight=[8.0] + [1.0] * (n - 1))
     same = new_editor("llama", clamp_norm_factor=20.0, edit_key_weight=[8.0] * n)
     scalar = new_editor("llama", clamp_norm_factor=20.0, edit_key_weight=8.0)
-    for ed in (plain, lower, same, scalar):
+    auto = new_editor("llama", clamp_norm_factor=20.0)
+    spelled = new_editor("llama", clamp_norm_factor=20.0, edit_key_weight=[16.0] * (n - 1) + [1.0])
+    for ed in (plain, lower, same, scalar, auto, spelled):
         ed.edit([R1])
     first = HP["layers"][0]
     keys = plain.layers[first].c_accu - plain.hparams.mom2_update_weight * plain.layers[first].c0.double()
     before = {id(ed): ed.layers[first].delta.clone() for ed in (plain, lower)}
-    for ed in (plain, lower, same, scalar):
+    for ed in (plain, lower, same, scalar, auto, spelled):
         ed.edit([R2])
     for l in HP["layers"]:
         torch.testing.assert_close(same.layers[l].delta, scalar.layers[l].delta)
+        torch.testing.assert_close(auto.layers[l].delta, spelled.layers[l].delta)
     move = lambda ed: float(torch.trace((ed.layers[first].delta - before[id(ed)]).double() @ keys
                                         @ (ed.layers[first].delta - before[id(ed)]).double().T))
     assert move(lower) < 0.5 * move(plain)
@@ -730,10 +734,12 @@ def test_state_saved_by_an_earlier_version_still_loads(new_editor, make_tiny, to
     config["base_model"]["fingerprint"] = legacy_fingerprint(editor.model)
     del config["hparams"]["gate_span_beta"]  # a state saved before that setting existed was made with β = 1
     del config["hparams"]["accumulated_keys"]  # and with the combined keys alone
+    assert config["hparams"]["edit_key_weight"] == [16.0] * (len(editor.hparams.layers) - 1) + [1.0]  # auto, saved
+    del config["hparams"]["edit_key_weight"]  # and with γ = 1
     path.write_text(json.dumps(config))
     again = Editor.from_pretrained(editor.model, tokenizer, tmp_path / "state")
     assert again.n_batches == editor.n_batches and again.hparams.gate_span_beta == 1.0
-    assert again.hparams.accumulated_keys == "combined"
+    assert again.hparams.accumulated_keys == "combined" and again.hparams.edit_key_weight == 1.0
     config["base_model"]["fingerprint"] = legacy_fingerprint(make_tiny("gpt2", seed=1))
     path.write_text(json.dumps(config))
     with pytest.raises(StateError, match="fingerprint"):

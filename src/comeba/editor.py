@@ -77,7 +77,7 @@ class Editor:
         """An editor from its parts (what creation and loading share); the caller checked the model's layers."""
         self.model = model
         self.tokenizer = tokenizer
-        self.hparams = hparams
+        self.hparams = hparams.resolved()  # `auto` spelled out: what a saved state holds
         self.layout: Layout = layout
         self.layers: dict[int, LayerState] = dict(layers)
         self.templates = list(templates)
@@ -315,7 +315,7 @@ class Editor:
             "gate": self.hparams.gate,
             "n_batches": self.n_batches,
             "n_edits": self.n_edits,
-            "hparams": self.hparams.to_dict(),
+            "hparams": self.hparams.resolved().to_dict(),
         }
 
     def save_pretrained(self, directory: str | Path, final: bool = False) -> Path:
