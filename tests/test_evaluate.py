@@ -326,6 +326,26 @@ def test_alphaedit_editor_leaves_preserved_outputs_unchanged(llama, tokenizer, c
     assert all(c.abs().max() == 0 for c in editor.cov.values())  # Kp Kpᵀ forgotten
 
 
+def test_no_hook_weighs_earlier_keys_as_comeba_does(llama, make_tiny, tokenizer, corpus):
+    """`no-hook` is comeba without the hook: its solve weighs the earlier batches' keys by the same γ
+    (`edit_key_weight`), so with γ > 1 the second batch moves the first one's outputs less than with γ = 1."""
+    layout = detect_layout(llama)
+    c0, _ = load_or_compute_stats(llama, tokenizer, layout, HP.layers, corpus, HP.mom2_n_tokens, HP.mom2_dtype,
+                                  progress=False)
+    moved = {}
+    for gamma in (1.0, 16.0):
+        model = make_tiny("llama")
+        editor = make_baseline("no-hook", model, tokenizer, HP.replace(edit_key_weight=gamma), c0, progress=False)
+        editor.edit(make_requests(REQUESTS[:2]))
+        first = {l: mlp_out_weight(model, layout, l).detach().clone().double() for l in HP.layers}
+        past = {l: editor.cov[l] - editor.base_cov[l] for l in HP.layers}  # the first batch's keys, Σ K Kᵀ
+        editor.edit(make_requests(REQUESTS[2:]))
+        l = HP.layers[0]  # nothing edited below: the same keys for both editors
+        step = mlp_out_weight(model, layout, l).detach().double() - first[l]
+        moved[gamma] = float(torch.trace(step @ past[l] @ step.T))
+    assert moved[16.0] < 0.5 * moved[1.0], moved
+
+
 # ============================================================================ command line
 
 

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from . import alphaedit
-from .compute import accumulate_keys, context_templates, solve_update, write_layers
+from .compute import accumulate_keys, context_templates, solve_update, weighted_covariance, write_layers
 from .hparams import HParams
 from .methods import WEIGHT_METHODS
 from .models import detect_layout, mlp_out_weight, num_layers
@@ -68,7 +68,11 @@ class WeightEditor:
         return {l: self.hparams.mom2_update_weight * c0[l].to(torch.float64) for l in self.hparams.layers}
 
     def solve(self, layer: int, residuals: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        return solve_update(residuals, keys, self.cov[layer].to(keys.device))
+        cov = self.cov[layer]
+        if self.accumulate:  # the earlier batches' keys weigh γ, as in comeba's own solve (`no-hook`)
+            lam = self.hparams.mom2_update_weight
+            cov = weighted_covariance(cov, self.base_cov[layer] / lam, lam, self.hparams.key_weight(layer))
+        return solve_update(residuals, keys, cov.to(keys.device))
 
     def edit(self, requests: Iterable[Mapping[str, Any] | Request]) -> dict[str, Any]:
         """One batch written in place (the model as edited so far gives Z and the residuals)."""

@@ -33,8 +33,8 @@ REGISTRY: Mapping[str, Method] = MappingProxyType({
         "COMEBA-HK: hook layers (W_0 untouched), C_accu = λ·C0 + Σ_past K Kᵀ, gate α adapted per batch"),
     "no-hook": Method(
         "weight", "no-hook",
-        "ablation without hooks: written into W_0 with C_accu = λ·C0 + Σ_past K Kᵀ "
-        "(not the reference's wohk, which solves with λ·(C0 + Σ_past K Kᵀ) + K Kᵀ)"),
+        "ablation without hooks: written into W_0 with C_accu = λ·C0 + Σ_past K Kᵀ, the earlier keys weighed by "
+        "comeba's γ (not the reference's wohk, which solves with λ·(C0 + Σ_past K Kᵀ) + K Kᵀ)"),
     "memit": Method(
         "weight", "memit",
         "MEMIT: C = λ·C0 every batch, written into W_0 (under the consecutive protocol this is sequential MEMIT)"),
