@@ -287,14 +287,16 @@ def test_weighted_covariance_keeps_earlier_edits_outputs():
     assert moved[0] > moved[1] > moved[2] > 1e3 * moved[3], moved
     with pytest.raises(ValueError, match="C0"):
         weighted_covariance(c_accu, None, lam, 2.0)
-    with pytest.raises(HParamsError, match="edit_key_weight"):
-        HParams(edit_key_weight=0.5)
+    for bad in (0, -1.0):
+        with pytest.raises(HParamsError, match="edit_key_weight"):
+            HParams(edit_key_weight=bad)
+    assert HParams(edit_key_weight=0.5).key_weight(5) == 0.5  # γ < 1 forgets: RLS's forgetting factor
     with pytest.raises(HParamsError, match="gate: span"):
         HParams(edit_key_weight=2.0, gate="reference")
     per_layer = HParams(layers=[4, 5, 6], edit_key_weight=[16, 4, 1])  # one γ per edited layer
     assert [per_layer.key_weight(l) for l in (4, 5, 6)] == [16.0, 4.0, 1.0]
     assert HParams(edit_key_weight=4).key_weight(5) == 4.0
-    for bad in ([16, 1], [16, 4, 0.5], True):
+    for bad in ([16, 1], [16, 4, 0], True):
         with pytest.raises(HParamsError, match="one per edited layer"):
             HParams(layers=[4, 5, 6], edit_key_weight=bad)
     with pytest.raises(HParamsError, match="gate: span"):

@@ -187,8 +187,8 @@ class HParams:
         else:
             weights = self.edit_key_weight if isinstance(self.edit_key_weight, list) else [self.edit_key_weight]
         if (isinstance(self.edit_key_weight, list) and len(weights) != len(self.layers)) or not all(
-                isinstance(g, (int, float)) and not isinstance(g, bool) and g >= 1 for g in weights):
-            raise HParamsError(f"edit_key_weight must be `auto`, a number >= 1 or a list of them, one per edited "
+                isinstance(g, (int, float)) and not isinstance(g, bool) and g > 0 for g in weights):
+            raise HParamsError(f"edit_key_weight must be `auto`, a positive number or a list of them, one per edited "
                                f"layer ({len(self.layers)}), got {self.edit_key_weight!r}")
         if any(g != 1 for g in weights) and self.gate != "span":
             raise HParamsError("edit_key_weight other than 1 needs gate: span (the reference gate keeps no C0 to "
