@@ -14,7 +14,7 @@ from comeba.models import cache_kwarg
 from comeba.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EDITING_STATE, StateError, load_edits
 from comeba.editor import Editor
 from comeba.hooks import LayerState
-from comeba.hparams import HParams
+from comeba.hparams import AUTO_KEY_WEIGHT, HParams
 from comeba.models import weights_checksum
 from comeba.requests import RequestError
 from comeba.models import input_device
@@ -191,7 +191,7 @@ def test_consecutive_batches_raise_their_targets_with_earlier_edits_weighed_more
 
 
 def test_edit_key_weight_per_layer(new_editor):
-    """A γ per edited layer: the same list everywhere is the scalar, `auto` is 16 below the last layer and 1
+    """A γ per edited layer: the same list everywhere is the scalar, `auto` is AUTO_KEY_WEIGHT below the last layer and 1
     at it, and γ > 1 at the first edited layer alone keeps the first batch's outputs there (its keys are the
     same for both editors: nothing is edited below)."""
     n = len(HP["layers"])
@@ -200,7 +200,7 @@ def test_edit_key_weight_per_layer(new_editor):
     same = new_editor("llama", clamp_norm_factor=20.0, edit_key_weight=[8.0] * n)
     scalar = new_editor("llama", clamp_norm_factor=20.0, edit_key_weight=8.0)
     auto = new_editor("llama", clamp_norm_factor=20.0)
-    spelled = new_editor("llama", clamp_norm_factor=20.0, edit_key_weight=[16.0] * (n - 1) + [1.0])
+    spelled = new_editor("llama", clamp_norm_factor=20.0, edit_key_weight=[AUTO_KEY_WEIGHT] * (n - 1) + [1.0])
     for ed in (plain, lower, same, scalar, auto, spelled):
         ed.edit([R1])
     first = HP["layers"][0]
@@ -734,7 +734,7 @@ def test_state_saved_by_an_earlier_version_still_loads(new_editor, make_tiny, to
     config["base_model"]["fingerprint"] = legacy_fingerprint(editor.model)
     del config["hparams"]["gate_span_beta"]  # a state saved before that setting existed was made with β = 1
     del config["hparams"]["accumulated_keys"]  # and with the combined keys alone
-    assert config["hparams"]["edit_key_weight"] == [16.0] * (len(editor.hparams.layers) - 1) + [1.0]  # auto, saved
+    assert config["hparams"]["edit_key_weight"] == [AUTO_KEY_WEIGHT] * (len(editor.hparams.layers) - 1) + [1.0]  # auto, saved
     del config["hparams"]["edit_key_weight"]  # and with γ = 1
     path.write_text(json.dumps(config))
     again = Editor.from_pretrained(editor.model, tokenizer, tmp_path / "state")
