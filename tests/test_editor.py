@@ -192,8 +192,8 @@ def test_consecutive_batches_raise_their_targets_with_earlier_edits_weighed_more
 
 def test_edit_key_weight_per_layer(new_editor):
     """A γ per edited layer: the same list everywhere is the scalar, `auto` is AUTO_KEY_WEIGHT below the last
-    layer and 1 at it, and γ > 1 at the first edited layer alone keeps the first batch's outputs there (its keys are the
-    same for both editors: nothing is edited below)."""
+    layer and 1 at it, and γ > 1 at the first edited layer alone keeps the first batch's outputs there (its
+    keys are the same for both editors: nothing is edited below)."""
     n = len(HP["layers"])
     plain = new_editor("llama", clamp_norm_factor=20.0, edit_key_weight=1.0)
     lower = new_editor("llama", clamp_norm_factor=20.0, edit_key_weight=[8.0] + [1.0] * (n - 1))

@@ -301,7 +301,7 @@ def test_weighted_covariance_keeps_earlier_edits_outputs():
             HParams(layers=[4, 5, 6], edit_key_weight=bad)
     with pytest.raises(HParamsError, match="gate: span"):
         HParams(layers=[4, 5, 6], edit_key_weight=[1, 1, 2], gate="reference")
-    auto = HParams(layers=[3, 5, 9])  # the default: 16 below the last edited layer, 1 at it, whatever the layers
+    auto = HParams(layers=[3, 5, 9])  # the default: 4 below the last edited layer, 1 at it, whatever the layers
     assert auto.edit_key_weight == "auto" and [auto.key_weight(l) for l in (3, 5, 9)] == [4.0, 4.0, 1.0]
     assert auto.resolved().edit_key_weight == [4.0, 4.0, 1.0] and auto.resolved().resolved() == auto.resolved()
     reference = HParams(layers=[3, 5, 9], gate="reference")  # no C0 to weigh against: MEMIT's γ = 1
