@@ -5,6 +5,7 @@
     python benchmarks/retention.py regate OUT/1000 OUT2 --hparam gate_span_beta=0.1  # then diagnose OUT2
     python benchmarks/retention.py drift OUT/1000                                    # ~2 min
     python benchmarks/retention.py contexts OUT/200 OUT/1000                         # ~1 min
+    python benchmarks/retention.py shut OUT/1000                                     # ~3 min
 
 `write` edits counterfact-scale.json records start..start+n−1 (none in the dev file; the
 scale protocol scores 0..999, so tune on --start 1000) in
@@ -32,7 +33,8 @@ would have (its 20 records, and the memory `gate.remember` draws over the
 records before them: a state's own, or the one a state written without would
 have had). Without changes it repeats the state's α. ΔW is
 untouched, so this isolates the gate from the trajectory (a run with the
-gate from the start writes later batches under it too).
+gate from the start writes later batches under it too). `--bare-extra W` also builds the span gates with
+every record's bare-prompt key weighed W more (its key at inference, where reliability reads it).
 
 `drift STATE` asks whether an old edit's hook output moved because later batches wrote over it at
 its key (interference) or because the key itself moved (the hooks below the layer answer differently
@@ -41,6 +43,10 @@ now). Writes STATE/drift.json.
 `contexts EARLY LATE` asks which of an edit's keys the solve protects: between two states of one run,
 how much the first edited layer's output moved at the first 100 records' combined key (the one the
 solve fits, and the only one C_accu accumulates with `accumulated_keys: combined`) and at their bare prompt's key (the one reliability reads).
+
+`shut STATE` asks which edited subjects the gate shuts, and whether the position of the subject's last
+token in the edit prompt explains it (against general text's scores at the same positions). Writes
+STATE/shut.json.
 
 `capacity STATE` asks how full each edited layer's key space is: the
 eigenvalues of the edited keys' Σ K Kᵀ whitened by C0 (S = C0^-½ Σ K Kᵀ
@@ -139,7 +145,10 @@ GATE_KEYS = ("gate_span_beta", "gate_layer_mean", "gate_memory", "gate_false_ope
              "gate_subject_share")
 
 
-def regate(state: Path, out: Path, overrides: dict, threads: int) -> dict:
+def regate(state: Path, out: Path, overrides: dict, threads: int, bare_extra: float = 0.0) -> dict:
+    """`bare_extra` w > 0: the span gates are built from C_accu + w·Σ k kᵀ over every record's bare-prompt key
+    as the hooks now give it (C_accu itself, and so ΔW and the solve, untouched): would the gate open on the
+    edit prompts if it weighed the key they are read at more?"""
     import shutil
 
     from comeba.gate import calibrate_span, calibration_stream, remember, span_gate
@@ -158,8 +167,14 @@ def regate(state: Path, out: Path, overrides: dict, threads: int) -> dict:
     for i in range(0, n - 20, 20):  # the memory the last batch's calibration had (or would have had)
         editor.memory = remember(editor.memory, requests[i : i + 20], tokenizer, i, hp.gate_memory, hp.seed)
     editor.hparams = hp
-    for st in editor.layers.values():
-        st.span = span_gate(st.c0, st.c_accu, hp.mom2_update_weight, hp.gate_span_beta)
+    bare = {}
+    if bare_extra:
+        with torch.no_grad(), editor.applied():
+            bare = {l: torch.cat([subject_keys(model, tokenizer, editor.layout, l, requests[i:i + 100], ["{}"])
+                                  .double().cpu() for i in range(0, n, 100)]) for l in editor.layers}
+    for l, st in editor.layers.items():
+        c = st.c_accu if l not in bare else st.c_accu.double() + bare_extra * bare[l].T @ bare[l].to(st.c_accu.device)
+        st.span = span_gate(st.c0, c, hp.mom2_update_weight, hp.gate_span_beta)
     with torch.no_grad(), HookLayers(model, editor.layout, editor.layers, layer_mean=hp.gate_layer_mean) as hooks:
         stream = calibration_stream(model, tokenizer, editor.layout, editor.calibration, hp.layers[0])
         alphas = calibrate_span(hooks, model, tokenizer, editor.layout, editor.calibration, requests[n - 20:],
@@ -172,7 +187,7 @@ def regate(state: Path, out: Path, overrides: dict, threads: int) -> dict:
     if (state / "written.json").exists():  # which records these are
         shutil.copy(state / "written.json", out / "written.json")
     info = {"from": str(state), "changed": overrides, "alpha_before": json.loads((state / "adapter_config.json")
-            .read_text())["modules"], "alpha": alphas, "memory": len(editor.memory)}
+            .read_text())["modules"], "alpha": alphas, "memory": len(editor.memory), "bare_extra": bare_extra}
     (out / "regate.json").write_text(json.dumps(info, indent=1))
     return info
 
@@ -311,6 +326,67 @@ def contexts(early: Path, late: Path, threads: int, n: int = 100) -> dict:
     return out
 
 
+POSITIONS = ((0, 1), (1, 2), (2, 3), (3, 4), (4, 8), (8, 10**9))  # buckets of the token position
+
+
+def shut(state: Path, threads: int) -> dict:
+    """Which edited subjects does the gate shut, and is it the position of the subject's last token? Per record:
+    that position in the edit prompt and the span score there at every edited layer; per position bucket, the
+    records, those shut at some layer and their median score at the first edited layer, against the scores of
+    WikiText-2 test text (the diagnostics sample) at the same positions. Writes STATE/shut.json."""
+    from comeba.models import input_device
+    from comeba.text import encode_prompt, pad_batch
+
+    torch.set_num_threads(threads)
+    model, tokenizer = load_model("embedded")
+    editor = Editor.from_pretrained(model, tokenizer, state, progress=False)
+    _need_span(state, editor, "shut")
+    n = editor.n_edits
+    requests = load_counterfact(SCALE, _first_record(state), n).requests
+    items = subject_items(tokenizer, requests)[0]
+    alpha = {l: s.alpha for l, s in editor.layers.items()}
+    device = input_device(model)
+
+    def scores(seqs) -> dict[int, torch.Tensor]:  # per layer, (sequences, tokens), NaN at padding
+        out: dict[int, list[torch.Tensor]] = {}
+        for i in range(0, len(seqs), 16):
+            ids, mask = pad_batch(seqs[i : i + 16], tokenizer.pad_token_id, device)
+            model(input_ids=ids, attention_mask=mask)
+            for l, rec in editor.hooks.records.items():
+                out.setdefault(l, []).append(rec.scores.float().cpu())
+        width = max(len(s) for s in seqs)
+        return {l: torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=float("nan")) for t in v])
+                for l, v in out.items()}
+
+    with torch.no_grad(), editor.applied():
+        editor.hooks.record(True)
+        try:
+            edit = scores([encode_prompt(tokenizer, t) for t, _ in items])
+            text = scores(list(general_text_sample(tokenizer, DIAGNOSTICS, n_sequences=400).ids))
+        finally:
+            editor.hooks.record(False)
+    pos = torch.tensor([j for _, j in items])
+    at = {l: v[torch.arange(n), pos] for l, v in edit.items()}
+    is_shut = torch.stack([at[l] <= alpha[l] for l in sorted(at)], 1).any(1)
+    first = min(at)
+    out = {"state": str(state), "edits": n, "alpha": alpha, "shut": int(is_shut.sum()), "by_position": [], "records": []}
+    for lo, hi in POSITIONS:
+        m = (pos >= lo) & (pos < hi)
+        general = text[first][:, lo:hi].flatten()
+        general = general[torch.isfinite(general)]
+        out["by_position"].append({
+            "position": f"{lo}" if hi == lo + 1 else f"{lo}+" if hi > 10**8 else f"{lo}-{hi - 1}",
+            "records": int(m.sum()), "shut": int((m & is_shut).sum()),
+            f"median_score_layer_{first}": round(float(at[first][m].median()), 3) if m.any() else None,
+            f"general_text_median_layer_{first}": round(float(general.median()), 3),
+            f"general_text_q99_layer_{first}": round(float(torch.quantile(general, 0.99)), 3)})
+    for i in is_shut.nonzero().flatten().tolist():
+        out["records"].append({"record": _first_record(state) + i, "subject": requests[i].subject, "prompt": items[i][0],
+                               "position": int(pos[i]), "score": {l: round(float(at[l][i]), 3) for l in sorted(at)}})
+    (state / "shut.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
 def capacity(state: Path) -> dict:
     model, tokenizer = load_model("embedded")
     editor = Editor.from_pretrained(model, tokenizer, state, progress=False)
@@ -344,6 +420,8 @@ def main(argv=None) -> int:
     g.add_argument("state")
     g.add_argument("out")
     g.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE")
+    g.add_argument("--bare-extra", type=float, default=0.0, metavar="W", help="build the span gates with every "
+                   "record's bare-prompt key weighed W more (C_accu and ΔW unchanged)")
     g.add_argument("--threads", type=int, default=1)
     d = sub.add_parser("diagnose")
     d.add_argument("state")
@@ -357,6 +435,9 @@ def main(argv=None) -> int:
     x.add_argument("--threads", type=int, default=1)
     c = sub.add_parser("capacity")
     c.add_argument("state")
+    h = sub.add_parser("shut")
+    h.add_argument("state")
+    h.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     if args.command == "write":
         import yaml
@@ -367,13 +448,17 @@ def main(argv=None) -> int:
     elif args.command == "regate":
         import yaml
         overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.hparam)}
-        print(json.dumps(regate(Path(args.state), Path(args.out), overrides, args.threads), indent=1))
+        print(json.dumps(regate(Path(args.state), Path(args.out), overrides, args.threads, args.bare_extra),
+                         indent=1))
     elif args.command == "drift":
         print(json.dumps(drift(Path(args.state), args.threads)["layers"], indent=1))
     elif args.command == "contexts":
         print(json.dumps(contexts(Path(args.early), Path(args.late), args.threads), indent=1))
     elif args.command == "capacity":
         print(json.dumps(capacity(Path(args.state)), indent=1))
+    elif args.command == "shut":
+        out = shut(Path(args.state), args.threads)
+        print(json.dumps({k: v for k, v in out.items() if k != "records"}, indent=1))
     else:
         out = diagnose(Path(args.state), args.threads)
         print(json.dumps({k: v for k, v in out.items() if k != "gate_report"}, indent=1))
