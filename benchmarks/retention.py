@@ -331,7 +331,8 @@ POSITIONS = ((0, 1), (1, 2), (2, 3), (3, 4), (4, 8), (8, 10**9))  # buckets of t
 
 def shut(state: Path, threads: int) -> dict:
     """Which edited subjects does the gate shut, and is it the position of the subject's last token? Per record:
-    that position in the edit prompt and the span score there at every edited layer; per position bucket, the
+    that position in the edit prompt and the score the gate compares with α there at every edited layer (the
+    layer mean, with `gate_layer_mean`); per position bucket, the
     records, those shut at some layer and their median score at the first edited layer, against the scores of
     WikiText-2 test text (the diagnostics sample) at the same positions. Writes STATE/shut.json."""
     from comeba.models import input_device
@@ -367,7 +368,7 @@ def shut(state: Path, threads: int) -> dict:
             editor.hooks.record(False)
     pos = torch.tensor([j for _, j in items])
     at = {l: v[torch.arange(n), pos] for l, v in edit.items()}
-    is_shut = torch.stack([at[l] <= alpha[l] for l in sorted(at)], 1).any(1)
+    is_shut = torch.stack([at[l] < alpha[l] for l in sorted(at)], 1).any(1)
     first = min(at)
     out = {"state": str(state), "edits": n, "alpha": alpha, "shut": int(is_shut.sum()), "by_position": [], "records": []}
     for lo, hi in POSITIONS:
