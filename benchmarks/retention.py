@@ -204,12 +204,9 @@ def _mean(values) -> float | None:
 
 
 def diagnose(state: Path, threads: int) -> dict:
-    torch.set_num_threads(threads)
-    model, tokenizer = load_model("embedded")
-    editor = Editor.from_pretrained(model, tokenizer, state, progress=False)
+    model, tokenizer, editor, requests = _open(state, threads)
     n = editor.n_edits
     start = _first_record(state)
-    requests = load_counterfact(SCALE, start, n).requests
     reference = (json.loads(PRE.read_text())["reference"][:n] if PRE.exists() and start == 0 and n <= 1000
                  else locality_reference(model, tokenizer, requests))
     z = torch.load(state / "z.pt").double()
@@ -250,6 +247,17 @@ def diagnose(state: Path, threads: int) -> dict:
     return out
 
 
+def _open(state: Path, threads: int, what: str | None = None):
+    """The embedded model with STATE's editor and the counterfact-scale records it edited; `what` names a
+    command that needs the span gate's state."""
+    torch.set_num_threads(threads)
+    model, tokenizer = load_model("embedded")
+    editor = Editor.from_pretrained(model, tokenizer, state, progress=False)
+    if what is not None:
+        _need_span(state, editor, what)
+    return model, tokenizer, editor, load_counterfact(SCALE, _first_record(state), editor.n_edits).requests
+
+
 def _need_span(state: Path, editor: Editor, what: str) -> None:
     if any(s.span is None for s in editor.layers.values()):
         raise SystemExit(f"{state}: {what} needs a span-gate state (C0 and the gate's whitening)")
@@ -270,12 +278,8 @@ def drift(state: Path, threads: int) -> dict:
     ‖ΔW_now k_now − o_w‖, with k_now the key under the hooks as at inference; and the key's own move
     ‖L⁻¹(k_now − k_w)‖ / ‖L⁻¹ k_w‖ in C0's whitening (λC0 = L Lᵀ). Medians by age.
     """
-    torch.set_num_threads(threads)
-    model, tokenizer = load_model("embedded")
-    editor = Editor.from_pretrained(model, tokenizer, state, progress=False)
-    _need_span(state, editor, "drift")
+    model, tokenizer, editor, requests = _open(state, threads, "drift")
     n = editor.n_edits
-    requests = load_counterfact(SCALE, _first_record(state), n).requests
     written = torch.load(state / "keys.pt")
     out = {"state": str(state), "edits": n, "layers": {}}
     with torch.no_grad(), editor.applied():
@@ -338,12 +342,8 @@ def shut(state: Path, threads: int) -> dict:
     from comeba.models import input_device
     from comeba.text import encode_prompt, pad_batch
 
-    torch.set_num_threads(threads)
-    model, tokenizer = load_model("embedded")
-    editor = Editor.from_pretrained(model, tokenizer, state, progress=False)
-    _need_span(state, editor, "shut")
+    model, tokenizer, editor, requests = _open(state, threads, "shut")
     n = editor.n_edits
-    requests = load_counterfact(SCALE, _first_record(state), n).requests
     items = subject_items(tokenizer, requests)[0]
     alpha = {l: s.alpha for l, s in editor.layers.items()}
     device = input_device(model)
