@@ -337,8 +337,11 @@ def shut(state: Path, threads: int) -> dict:
     """Which edited subjects does the gate shut, and is it the position of the subject's last token? Per record:
     that position in the edit prompt and the score the gate compares with α there at every edited layer (the
     layer mean, with `gate_layer_mean`); per position bucket, the
-    records, those shut at some layer and their median score at the first edited layer, against the scores of
-    WikiText-2 test text (the diagnostics sample) at the same positions. Writes STATE/shut.json."""
+    records, those shut at some layer, their median score and their bare key's whitened energy kᵀ(λC0)⁻¹k at
+    the first edited layer, against the scores of WikiText-2 test text (the diagnostics sample) at the same
+    positions; and (from `keys.pt`) the *written share* ‖ΔW k‖ / ‖ΔW k_fit‖ there: how much of what ΔW
+    writes at the key its batch fitted it writes at the bare prompt's key, where the gate would let it act.
+    Writes STATE/shut.json."""
     from comeba.models import input_device
     from comeba.text import encode_prompt, pad_batch
 
@@ -370,7 +373,17 @@ def shut(state: Path, threads: int) -> dict:
     at = {l: v[torch.arange(n), pos] for l, v in edit.items()}
     is_shut = torch.stack([at[l] < alpha[l] for l in sorted(at)], 1).any(1)
     first = min(at)
-    out = {"state": str(state), "edits": n, "alpha": alpha, "shut": int(is_shut.sum()), "by_position": [], "records": []}
+    # kᵀ(λC0)⁻¹k of each bare key at the first edited layer (no hook below it): d_in / λ on average for general text
+    with torch.no_grad():
+        k = torch.cat([subject_keys(model, tokenizer, editor.layout, first, requests[i:i + 100], ["{}"]).float().cpu()
+                       for i in range(0, n, 100)])
+    energy = (k @ editor.layers[first].span.whiten.float().cpu().T).square().sum(1)
+    # what ΔW now writes at that key, against what it writes at the key the batch fitted (keys.pt, as written)
+    w = editor.layers[first].delta.double().cpu()
+    fitted = torch.load(state / "keys.pt")[first][0] if (state / "keys.pt").exists() else None
+    written = None if fitted is None else (k.double() @ w.T).norm(dim=1) / (fitted @ w.T).norm(dim=1)
+    out = {"state": str(state), "edits": n, "alpha": alpha,
+           "general_text_mean_whitened_energy": round(k.shape[1] / editor.hparams.mom2_update_weight, 3), "shut": int(is_shut.sum()), "by_position": [], "records": []}
     for lo, hi in POSITIONS:
         m = (pos >= lo) & (pos < hi)
         general = text[first][:, lo:hi].flatten()
@@ -379,11 +392,19 @@ def shut(state: Path, threads: int) -> dict:
             "position": f"{lo}" if hi == lo + 1 else f"{lo}+" if hi > 10**8 else f"{lo}-{hi - 1}",
             "records": int(m.sum()), "shut": int((m & is_shut).sum()),
             f"median_score_layer_{first}": round(float(at[first][m].median()), 3) if m.any() else None,
+            f"median_whitened_energy_layer_{first}": round(float(energy[m].median()), 3) if m.any() else None,
+            f"median_written_share_layer_{first}": (round(float(written[m].median()), 3)
+                                                    if m.any() and written is not None else None),
             f"general_text_median_layer_{first}": round(float(general.median()), 3),
             f"general_text_q99_layer_{first}": round(float(torch.quantile(general, 0.99)), 3)})
     for i in is_shut.nonzero().flatten().tolist():
         out["records"].append({"record": _first_record(state) + i, "subject": requests[i].subject, "prompt": items[i][0],
-                               "position": int(pos[i]), "score": {l: round(float(at[l][i]), 3) for l in sorted(at)}})
+                               "position": int(pos[i]), "score": {l: round(float(at[l][i]), 3) for l in sorted(at)},
+                               f"whitened_energy_layer_{first}": round(float(energy[i]), 3),
+                               f"written_share_layer_{first}": None if written is None else round(float(written[i]), 3)})
+    if written is not None:
+        out[f"median_written_share_layer_{first}"] = {"shut": round(float(written[is_shut].median()), 3),
+                                                      "open": round(float(written[~is_shut].median()), 3)}
     (state / "shut.json").write_text(json.dumps(out, indent=1))
     return out
 

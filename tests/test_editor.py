@@ -13,6 +13,7 @@ from comeba.models import cache_kwarg
 
 from comeba.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EDITING_STATE, StateError, load_edits
 from comeba.editor import Editor
+from comeba.gate import SpanGate
 from comeba.hooks import LayerState
 from comeba.hparams import AUTO_KEY_WEIGHT, HParams
 from comeba.models import weights_checksum
@@ -893,6 +894,19 @@ def test_first_token_subject_is_warned_about_before_editing(new_editor, tokenize
     info = editor.edit([R1, first])
     assert info["warnings"] == warnings
     assert editor.edit_warnings([R1, R2]) == []
+
+
+def test_subject_key_without_context_is_warned_about(new_editor):
+    """A subject key whose whitened energy kᵀ(λC0)⁻¹k is far under general text's mean d_in/λ gets a warning:
+    with C0 taken 10⁴ times larger (the whitening 100 times smaller) every subject key is such a key."""
+    editor = new_editor("llama")
+    assert editor.edit_warnings([R1, R2]) == []
+    layer = editor.hparams.layers[0]
+    span = editor.layers[layer].span
+    editor.layers[layer].span = SpanGate(span.whiten / 100, span.span, span.factor)
+    warnings = editor.edit_warnings([R1, R2])
+    assert [w.split(":")[0] for w in warnings] == ["request 0", "request 1"]
+    assert all(f"has a key at layer {layer} that carries almost no context" in w for w in warnings)
 
 
 def test_edit_delivers_most_of_its_target_values_gain(arch, new_editor, tokenizer):
