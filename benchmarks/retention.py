@@ -70,6 +70,7 @@ from comeba.corpus import text_corpus
 from comeba.data import load_counterfact
 from comeba.diagnostics import gate_report, general_text_sample, subject_gates, subject_items, text_pass
 from comeba.editor import Editor
+from comeba.gate import whitened_energy
 from comeba.hparams import HParams
 from comeba.models import input_device, load_model
 from comeba.scoring import Settings, evaluate_requests, locality_reference
@@ -377,7 +378,7 @@ def shut(state: Path, threads: int) -> dict:
     with torch.no_grad():
         k = torch.cat([subject_keys(model, tokenizer, editor.layout, first, requests[i:i + 100], ["{}"]).float().cpu()
                        for i in range(0, n, 100)])
-    energy = (k @ editor.layers[first].span.whiten.float().cpu().T).square().sum(1)
+    energy = whitened_energy(k, editor.layers[first].span).cpu()
     # what ΔW now writes at that key, against what it writes at the key the batch fitted (keys.pt, as written)
     w = editor.layers[first].delta.double().cpu()
     fitted = torch.load(state / "keys.pt")[first][0] if (state / "keys.pt").exists() else None

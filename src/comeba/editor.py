@@ -22,7 +22,7 @@ from .adapter import StateError, check_base_model, read_state, write_state
 from .compute import (accumulate_keys, context_templates, fill_template, solve_update, subject_keys,
                       weighted_covariance, write_layers)
 from .gate import (Remembered, adapt_alpha, batch_gate_maxima, calibrate_span, calibration_stream, remember,
-                   span_gate, span_gate_added)
+                   span_gate, span_gate_added, whitened_energy)
 from .hooks import HookLayers, LayerState
 from .hparams import HParams
 from .models import (Layout, detect_layout, fingerprint, input_device, mlp_out_device, mlp_out_weight,
@@ -202,10 +202,12 @@ class Editor:
         layer = self.hparams.layers[0]
         span = self.layers[layer].span
         if rest and span is not None:  # the whitening L⁻¹ of λC0 (span gate); no hook acts below this key
+            size = self.hparams.batch_size  # the CLI asks about every request at once: one batch at a time
             with torch.no_grad():
-                k = subject_keys(self.model, self.tokenizer, self.layout, layer, [batch[i] for i in rest], ["{}"])
-                energy = (k.to(span.whiten) @ span.whiten.T).square().sum(1).tolist()
-            mean = k.shape[1] / self.hparams.mom2_update_weight
+                energy = torch.cat([whitened_energy(subject_keys(self.model, self.tokenizer, self.layout, layer,
+                                                                 [batch[i] for i in rest[j : j + size]], ["{}"]), span)
+                                    for j in range(0, len(rest), size)]).tolist()
+            mean = span.whiten.shape[0] / self.hparams.mom2_update_weight
             for i, e in zip(rest, energy):
                 if e < LOW_CONTEXT_SHARE * mean:
                     r = batch[i]

@@ -142,6 +142,12 @@ def _cholesky_with_jitter(a: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
     return chol
 
 
+def whitened_energy(k: torch.Tensor, gate: SpanGate) -> torch.Tensor:
+    """kᵀ(λC0)⁻¹k = ‖L⁻¹k‖² per key (float32, on the gate's device): d_in/λ on average for general text, so a
+    key far below that carries almost no context (`Editor.edit_warnings`)."""
+    return (k.to(gate.whiten) @ gate.whiten.T).square().sum(-1)
+
+
 def span_scores(k: torch.Tensor, gate: SpanGate, valid: torch.Tensor | None = None) -> torch.Tensor:
     """h(k) = wᵀ H w / wᵀ w per token (float32, NaN for a zero key): the span gate's score.
 
