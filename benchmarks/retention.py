@@ -102,9 +102,22 @@ def write(out: Path, n: int, overrides: dict, threads: int, start: int = 0) -> N
     outputs: dict[int, list[torch.Tensor]] = {l: [] for l in hp.layers}  # and ΔW·K just after its write
     write_layers = editor_module.write_layers
 
+    written: set[int] = set()  # batches whose first round was kept (`write_rounds` > 1 writes a batch again)
+    so_far: dict[int, torch.Tensor] = {}  # ΔW as the batch's rounds have left it so far
+
     def write_and_keep(*args, apply, **kwargs):
+        again = editor.n_batches in written
+        written.add(editor.n_batches)
+        if not again:
+            so_far.update({l: editor.layers[l].delta.double() for l in hp.layers})
+
         def keep_apply(layer: int, delta: torch.Tensor, K: torch.Tensor) -> None:
-            after = editor.layers[layer].delta.double() + delta.double()
+            so_far[layer] = so_far[layer] + delta.double()
+            after = so_far[layer]
+            if again:  # the same keys, the output after this round
+                outputs[layer][-1] = keys[layer][-1] @ after.T.cpu()
+                apply(layer, delta, K)
+                return
             k = K.detach().double().cpu()
             n_requests = len(args[3])  # write_layers(model, tokenizer, layout, requests, ...), as Editor.edit calls it
             if len(k) > n_requests:  # `accumulated_keys: contexts`: rows √w_t·k_t, combined as Σ_t √w_t·row

@@ -15,7 +15,7 @@ from comeba.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EDITING_STATE, State
 from comeba.editor import Editor
 from comeba.gate import SpanGate
 from comeba.hooks import LayerState
-from comeba.hparams import AUTO_KEY_WEIGHT, HParams
+from comeba.hparams import AUTO_KEY_WEIGHT, HParams, HParamsError
 from comeba.models import weights_checksum
 from comeba.requests import RequestError
 from comeba.models import input_device
@@ -952,3 +952,36 @@ def test_consecutive_batches_fitting_every_contexts_key(new_editor, tokenizer):
         ed.edit([R1])
     for l in combined.layers:
         assert not torch.allclose(combined.layers[l].delta, fit.layers[l].delta, rtol=1e-3, atol=0), l
+
+
+def test_second_write_round_brings_the_last_layer_closer_to_its_target(new_editor, tokenizer):
+    """write_rounds: 2 — the batch's keys join C_accu once (the same C_accu as one round), and the last edited
+    layer's output at the subject ends nearer the target value z than after one round."""
+    from comeba.requests import make_requests
+    from comeba.text import subject_last_index
+    from comeba.values import target_values
+
+    def distance(editor) -> float:
+        model, layout, req = editor.model, editor.layout, make_requests([R1])
+        z = target_values(model, tokenizer, layout, req, editor.hparams, editor.templates, progress=False)[0]
+        at = subject_last_index(tokenizer, req[0].prompt, req[0].subject)
+        seen = []
+        layer = model.get_submodule(layout.layer_name(editor.hparams.layers[-1]))
+        editor.edit([R1])
+        handle = layer.register_forward_hook(lambda m, a, out: seen.append((out[0] if isinstance(out, tuple)
+                                                                             else out)[0, at].detach().clone()))
+        try:
+            with editor.applied():
+                _p_first(model, tokenizer, R1)
+        finally:
+            handle.remove()
+        return float((seen[-1].double() - z.double()).norm() / z.double().norm())
+
+    one, two = new_editor("llama"), new_editor("llama", write_rounds=2)
+    d1, d2 = distance(one), distance(two)
+    assert d2 < 0.8 * d1, (d1, d2)
+    for l in one.layers:
+        assert torch.equal(one.layers[l].c_accu, two.layers[l].c_accu), l
+        assert not torch.equal(one.layers[l].delta, two.layers[l].delta), l
+    with pytest.raises(HParamsError, match="write_rounds"):
+        HParams(write_rounds=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -248,7 +249,7 @@ class Editor:
                 for l, s in new.items():
                     hooks.set(l, s, gated=at_subject, open_last=at_subject)
 
-                def apply(layer: int, delta: torch.Tensor, keys: torch.Tensor) -> None:
+                def apply(layer: int, delta: torch.Tensor, keys: torch.Tensor, accumulate: bool = True) -> None:
                     per = keys.shape[0] // len(batch)  # rows per request (`accumulated_keys: contexts`: one a template)
                     bad_keys = sorted({i // per for i in (~torch.isfinite(keys).all(dim=1)).nonzero().flatten().tolist()})
                     if bad_keys:
@@ -258,6 +259,9 @@ class Editor:
                         raise EditError(f"layer {layer}: the update for this batch is not finite; nothing was written")
                     state = new[layer]
                     state.delta = state.delta + delta.to(state.delta)
+                    if not accumulate:  # a later round writes the same edits again: their keys are in already
+                        hooks.set(layer, state.copy(), open_last=at_subject)
+                        return
                     state.c_accu = accumulate_keys(state.c_accu, keys)
                     if state.c0 is not None:  # the span gate of the new C_accu: a rank-n update of the old one
                         state.span = (span_gate_added(state.span, keys, hp.gate_span_beta) if state.span is not None
@@ -265,12 +269,16 @@ class Editor:
                     # validated from here on, with the previous batch's α (as the reference)
                     hooks.set(layer, state.copy(), open_last=at_subject)
 
-                write_layers(
-                    self.model, self.tokenizer, self.layout, batch, hp.layers, self.templates, z,
-                    solve=lambda l, R, K: solve_update(R, K, weighted_covariance(
-                        new[l].c_accu, new[l].c0, hp.mom2_update_weight, hp.key_weight(l))), apply=apply,
-                    accumulated=hp.accumulated_keys, fit=hp.fit_keys,
-                )
+                # every round solves against the covariance before this batch (`self.layers`), which the
+                # first round's solve at a layer sees before its keys join `new`
+                for round_ in range(hp.write_rounds):
+                    write_layers(
+                        self.model, self.tokenizer, self.layout, batch, hp.layers, self.templates, z,
+                        solve=lambda l, R, K: solve_update(R, K, weighted_covariance(
+                            self.layers[l].c_accu, self.layers[l].c0, hp.mom2_update_weight, hp.key_weight(l))),
+                        apply=apply if round_ == 0 else partial(apply, accumulate=False),
+                        accumulated=hp.accumulated_keys, fit=hp.fit_keys,
+                    )
                 # 3. α: span gate — calibrated on held-back general text under the new hooks;
                 if hp.gate == "span":
                     device = input_device(self.model)

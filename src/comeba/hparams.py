@@ -77,6 +77,11 @@ class HParams:
         "c: the batch writes Z = h + c·δ, the found δ stretched by c, so that an edit still holds after later "
         "batches have worn part of its value away (1: as the reference; 1.5 lost 8–10 points of reliability at 1,000 "
         "edits: the stretched step no longer points at the target, see [The gate](#the-gate))")
+    write_rounds: int = _setting(
+        1,
+        "times a batch's residual is spread over the edited layers: each round after the first measures Z − h at l_n "
+        "again under the hooks just written and writes it against the same covariance as the first (1: as the "
+        "reference and MEMIT, which leave the ridge's shortfall at l_n)")
     mom2_update_weight: float = _setting(1000.0, "λ in C_accu = λ·C0 + Σ K Kᵀ (C0 normalised per token)")
     edit_key_weight: float | list[float] | str = _setting(
         "auto",
@@ -175,7 +180,7 @@ class HParams:
         for name in ("v_lr", "mom2_update_weight", "clamp_norm_factor", "v_overshoot"):
             if not getattr(self, name) > 0:
                 raise HParamsError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("v_num_grad_steps", "mom2_n_tokens", "batch_size"):
+        for name in ("v_num_grad_steps", "mom2_n_tokens", "batch_size", "write_rounds"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise HParamsError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not 0 < self.nullspace_energy < 1:
