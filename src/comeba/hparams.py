@@ -81,7 +81,8 @@ class HParams:
         1,
         "times a batch's residual is spread over the edited layers: each round after the first measures Z − h at l_n "
         "again under the hooks just written and writes it against the same covariance as the first (1: as the "
-        "reference and MEMIT, which leave the ridge's shortfall at l_n)")
+        "reference and MEMIT, which leave the ridge's shortfall at l_n; 2 lost 1.4 points of reliability at 1,000 edits: "
+        "the newest edits keep more of their values and the older ones fade faster, see [The gate](#the-gate))")
     mom2_update_weight: float = _setting(1000.0, "λ in C_accu = λ·C0 + Σ K Kᵀ (C0 normalised per token)")
     edit_key_weight: float | list[float] | str = _setting(
         "auto",
