@@ -16,6 +16,7 @@ from comeba.editor import Editor
 from comeba.gate import SpanGate
 from comeba.hooks import LayerState
 from comeba.hparams import AUTO_KEY_WEIGHT, HParams, HParamsError
+import comeba.editor as editor_module
 from comeba.models import weights_checksum
 from comeba.requests import RequestError
 from comeba.models import input_device
@@ -985,3 +986,21 @@ def test_second_write_round_brings_the_last_layer_closer_to_its_target(new_edito
         assert not torch.equal(one.layers[l].delta, two.layers[l].delta), l
     with pytest.raises(HParamsError, match="write_rounds"):
         HParams(write_rounds=0)
+
+
+def test_calibration_can_leave_out_the_subjects_warned_about(new_editor, monkeypatch):
+    """gate_open_no_context: false — a subject `edit` warns carries no context (here: every subject, with the
+    share raised) no longer sets α, so α differs from the default's, which opens it; without a warning the two
+    agree."""
+    alphas = {}
+    for share in (0.0, 1e9):
+        monkeypatch.setattr(editor_module, "LOW_CONTEXT_SHARE", share)
+        for opens in (True, False):
+            editor = new_editor("llama", gate_open_no_context=opens, gate_subject_share=0.9)
+            editor.edit([R1])
+            info = editor.edit([R2, R3])
+            assert bool(info["warnings"]) == (share > 0)
+            alphas[share, opens] = info["alpha"]
+    assert alphas[0.0, True] == alphas[0.0, False]
+    assert alphas[1e9, True] == alphas[0.0, True]
+    assert alphas[1e9, False] != alphas[1e9, True]

@@ -17,7 +17,7 @@ from comeba.evaluate import Settings, evaluate
 from comeba.gate import (Remembered, SpanGate, calibrate_span, calibrated_threshold, remember, span_gate,
                          span_gate_added, span_scores, span_threshold)
 from comeba.hooks import HookLayers, LayerState
-from comeba.hparams import HParams
+from comeba.hparams import HParams, HParamsError
 from comeba.models import cache_kwarg, detect_layout
 from comeba.requests import make_requests
 from comeba.corpus import text_corpus
@@ -1047,3 +1047,21 @@ def test_span_scores_only_at_valid_tokens():
     got = span_scores(keys, gate, valid)
     assert got.shape == (3, 10) and bool(got[~valid].isnan().all())
     torch.testing.assert_close(got[valid], span_scores(keys, gate)[valid], rtol=1e-6, atol=1e-7)
+
+
+def test_calibration_leaves_out_the_skipped_subjects(new_editor, tokenizer):
+    """`skip` (the editor's subjects whose key carries no context, with `gate_open_no_context: false`): their
+    prompts run, but α is what general text alone sets, as for a batch without them."""
+    editor = new_editor("llama")
+    editor.edit([R1, R2])
+    hp = editor.hparams
+    with HookLayers(editor.model, editor.layout, editor.layers, layer_mean=hp.gate_layer_mean) as hooks:
+        def alpha(batch, **kw):
+            return calibrate_span(hooks, editor.model, tokenizer, editor.layout, editor.calibration,
+                                  make_requests(batch) if batch else [], hp.gate_false_open,
+                                  hp.gate_false_open_max, 0.9, **kw)
+        counted, skipped, none = alpha([R3]), alpha([R3], skip={0}), alpha([])
+    assert skipped == pytest.approx(none, rel=1e-6)
+    assert any(counted[l] != pytest.approx(none[l], rel=1e-6) for l in hp.layers), (counted, none)
+    with pytest.raises(HParamsError, match="gate_open_no_context"):
+        HParams(gate_open_no_context="no")

@@ -190,7 +190,10 @@ class Editor:
         energy (`LOW_CONTEXT_SHARE`; such keys sit where the first tokens of most texts do): the update
         can write little there and the gate cannot tell it from general text.
         """
-        batch = make_requests(requests)
+        return [w for _, w in self._warned(make_requests(requests))]
+
+    def _warned(self, batch: Sequence[Request]) -> list[tuple[int, str]]:
+        """`edit_warnings` with the index of the request each is about (the calibration may leave those out)."""
         out: list[tuple[int, str]] = []
         rest = []
         for i, r in enumerate(batch):
@@ -216,7 +219,7 @@ class Editor:
                                f"that carries almost no context (kᵀ(λC0)⁻¹k = {e:.2g}, against {mean:.2g} for "
                                "general text on average), so the edit will probably not take on that exact prompt; "
                                "put words before the subject"))
-        return [w for _, w in sorted(out)]
+        return sorted(out)
 
     def edit(self, requests: Iterable[Mapping[str, Any] | Request]) -> dict[str, Any]:
         """One consecutive step: write a batch of facts on top of everything written so far.
@@ -226,7 +229,8 @@ class Editor:
         """
         batch = make_requests(requests)
         self._check_lengths(batch)
-        warnings = self.edit_warnings(batch)
+        warned = self._warned(batch)
+        warnings = [w for _, w in warned]
         for w in warnings:
             log.warning(w)
         start = time.perf_counter()
@@ -287,7 +291,8 @@ class Editor:
                             self.model, self.tokenizer, self.layout, self.calibration, hp.layers[0]))
                     alphas = calibrate_span(hooks, self.model, self.tokenizer, self.layout, self.calibration, batch,
                                             hp.gate_false_open, hp.gate_false_open_max, hp.gate_subject_share,
-                                            stream=self._calibration_stream[1], memory=self.memory)
+                                            stream=self._calibration_stream[1], memory=self.memory,
+                                            skip=() if hp.gate_open_no_context else {i for i, _ in warned})
                     for l, a in alphas.items():
                         new[l].alpha = a
                     memory = remember(self.memory, batch, self.tokenizer, self.n_edits, hp.gate_memory, hp.seed)

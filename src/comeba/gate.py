@@ -29,7 +29,7 @@ import random
 import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Collection, Sequence
 
 import torch
 
@@ -284,7 +284,7 @@ def calibration_stream(model, tokenizer, layout: Layout, calibration: Sequence[S
 def calibrate_span(hooks: "HookLayers", model, tokenizer, layout: Layout, calibration: Sequence[Sequence[int]],
                    batch: Sequence["Request"], false_open: float, false_open_max: float,
                    subject_share: float = 0.0, stream: torch.Tensor | None = None,
-                   memory: Sequence[Remembered] = ()) -> dict[int, float]:
+                   memory: Sequence[Remembered] = (), skip: Collection[int] = ()) -> dict[int, float]:
     """The span gate's α per layer: one pass over the held-back general text, the batch's bare prompts and
     the remembered earlier ones (`memory`), with the hooks as they are at inference (`span_threshold` is the
     rule).
@@ -292,14 +292,15 @@ def calibrate_span(hooks: "HookLayers", model, tokenizer, layout: Layout, calibr
     `stream` (from `calibration_stream`) lets the pass start at the first
     edited layer: only the prompts run through the layers below it.
     A subject that is its prompt's first token (no start token before it) does not count: its key there
-    carries no context and scores like general text, and would drag α down for the whole batch.
+    carries no context and scores like general text, and would drag α down for the whole batch. Nor do the
+    requests listed in `skip` (the batch's subjects whose key carries no context at all).
 
     The text (rows of up to a few hundred tokens) and the prompts (a dozen) run as two calls in lockstep
     (`_Lockstep`), so that the prompts are not padded to the text's width: at each layer both calls' scores
     make that layer's α, as in one call over both (which a model dispatched by accelerate still makes).
     """
     prompts = [encode_prompt(tokenizer, r.text) for r in batch]
-    subjects = [(len(calibration) + i, j) for i, r in enumerate(batch)
+    subjects = [(len(calibration) + i, j) for i, r in enumerate(batch) if i not in skip
                 for j in [subject_last_index(tokenizer, r.prompt, r.subject)] if j > 0]
     start = len(calibration) + len(prompts)
     kept = [(start + i, m.subject) for i, m in enumerate(memory)]

@@ -111,6 +111,12 @@ class HParams:
         5e-3,
         "span gate: α is lowered below that quantile only as far as the batch's own edited subjects need to open "
         "the gate, and never below the (1 − this) quantile")
+    gate_open_no_context: bool = _setting(
+        True,
+        "span gate: the calibration also opens (as far as `gate_false_open_max` allows) a batch subject whose key "
+        "carries no context, the one `comeba edit` warns about; false leaves such a subject out, as it does a "
+        "subject that is its prompt's first token: at 1,000 edits every batch holding one lowered α for all text "
+        "(README, [The gate](#the-gate))")
     gate_subject_share: float = _setting(
         0.5,
         "span gate: α is at least this share ρ of the median score of the batch's edited subjects, so that keys "
@@ -220,6 +226,9 @@ class HParams:
             raise HParamsError(f"gate_false_open_max must be in [gate_false_open, 1), got {self.gate_false_open_max!r}")
         if not self.gate_span_beta > 0:
             raise HParamsError(f"gate_span_beta must be > 0, got {self.gate_span_beta!r}")
+        for name in ("gate_layer_mean", "gate_open_no_context"):
+            if not isinstance(getattr(self, name), bool):
+                raise HParamsError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not 0 <= self.gate_subject_share < 1:
             raise HParamsError(f"gate_subject_share must be in [0, 1), got {self.gate_subject_share!r}")
         if not 0 < self.gate_alpha0 < 1:
