@@ -115,8 +115,8 @@ class HParams:
         True,
         "span gate: the calibration also opens (as far as `gate_false_open_max` allows) a batch subject whose key "
         "carries no context, the one `comeba edit` warns about; false leaves such a subject out, as it does a "
-        "subject that is its prompt's first token: at 1,000 edits every batch holding one lowered α for all text "
-        "(README, [The gate](#the-gate))")
+        "subject that is its prompt's first token (at 1,000 edits, after the first 14 batches, α fell only at batches "
+        "holding one, for all text: see [The gate](#the-gate))")
     gate_subject_share: float = _setting(
         0.5,
         "span gate: α is at least this share ρ of the median score of the batch's edited subjects, so that keys "
