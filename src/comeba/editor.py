@@ -263,13 +263,12 @@ class Editor:
                         raise EditError(f"layer {layer}: the update for this batch is not finite; nothing was written")
                     state = new[layer]
                     state.delta = state.delta + delta.to(state.delta)
-                    if not accumulate:  # a later round writes the same edits again: their keys are in already
-                        hooks.set(layer, state.copy(), open_last=at_subject)
-                        return
-                    state.c_accu = accumulate_keys(state.c_accu, keys)
-                    if state.c0 is not None:  # the span gate of the new C_accu: a rank-n update of the old one
-                        state.span = (span_gate_added(state.span, keys, hp.gate_span_beta) if state.span is not None
-                                      else span_gate(state.c0, state.c_accu, hp.mom2_update_weight, hp.gate_span_beta))
+                    if accumulate:  # a later round writes the same edits again: their keys are in already
+                        state.c_accu = accumulate_keys(state.c_accu, keys)
+                        if state.c0 is not None:  # the span gate of the new C_accu: a rank-n update of the old one
+                            state.span = (span_gate_added(state.span, keys, hp.gate_span_beta)
+                                          if state.span is not None else
+                                          span_gate(state.c0, state.c_accu, hp.mom2_update_weight, hp.gate_span_beta))
                     # validated from here on, with the previous batch's α (as the reference)
                     hooks.set(layer, state.copy(), open_last=at_subject)
 
