@@ -11,7 +11,7 @@ evaluated over all edits so far every --checkpoint-every batches. Methods:
 ``comeba`` (the span gate, the default), ``comeba-reference`` (the authors'
 z-score gate), ``seq-memit`` and ``alphaedit``; and, when asked for, ``seq-memit-adam32``
 and ``alphaedit-adam32``: the same two with the reference optimiser (Adam, float32); ``comeba-skips-no-context``:
-comeba with ``gate_open_no_context: false``. Interrupt it any time and run
+comeba with ``gate_open_no_context: false`` (the default since its run; kept so that run reproduces). Interrupt it any time and run
 the same command again: finished runs are skipped, an interrupted one resumes
 from its last checkpoint. Writes OUT/<n>/<method>/ (the runs), OUT/<n>/scale.png
 and OUT/<n>/SCALE.md (OUT: benchmarks/results/scale by default).
@@ -32,7 +32,7 @@ DATA = ROOT.parent / "shared" / "data"
 # The baselines were tuned with the reference optimiser; at the default (L-BFGS) they write larger updates
 # and lose more (README, Editing quality), so they can also run with it (opt-in, --methods).
 REFERENCE_OPTIMISER = ROOT / "benchmarks" / "hparams" / "reference-optimiser.yaml"
-# comeba with `gate_open_no_context: false` (opt-in, --methods): does α still dip at the batches holding such a subject?
+# comeba with `gate_open_no_context: false`, written out (the default since this run measured it; --methods).
 SKIPS_NO_CONTEXT = ROOT / "benchmarks" / "hparams" / "gate-skips-no-context.yaml"
 METHODS = {  # name -> comeba eval options
     "comeba": ["--method", "comeba", "--gate", "span"],

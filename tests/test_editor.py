@@ -738,10 +738,13 @@ def test_state_saved_by_an_earlier_version_still_loads(new_editor, make_tiny, to
     del config["hparams"]["accumulated_keys"]  # and with the combined keys alone
     assert config["hparams"]["edit_key_weight"] == [AUTO_KEY_WEIGHT] * (len(editor.hparams.layers) - 1) + [1.0]  # auto, saved
     del config["hparams"]["edit_key_weight"]  # and with γ = 1
+    assert config["hparams"]["gate_open_no_context"] is False  # the default, saved
+    del config["hparams"]["gate_open_no_context"]  # and its calibration opened subjects without context
     path.write_text(json.dumps(config))
     again = Editor.from_pretrained(editor.model, tokenizer, tmp_path / "state")
     assert again.n_batches == editor.n_batches and again.hparams.gate_span_beta == 1.0
     assert again.hparams.accumulated_keys == "combined" and again.hparams.edit_key_weight == 1.0
+    assert again.hparams.gate_open_no_context is True
     config["base_model"]["fingerprint"] = legacy_fingerprint(make_tiny("gpt2", seed=1))
     path.write_text(json.dumps(config))
     with pytest.raises(StateError, match="fingerprint"):

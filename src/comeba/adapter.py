@@ -195,7 +195,8 @@ def _finite(directory: Path, what: str, layer: int, t: torch.Tensor | None) -> N
 
 # Settings that states saved before them were made with (so that such a state goes on as it was made).
 EARLIER_DEFAULTS = {"gate_span_beta": 1.0, "gate_layer_mean": False, "gate_memory": 0, "write_gate": "open",
-                    "accumulated_keys": "combined", "fit_keys": "combined", "edit_key_weight": 1.0}
+                    "accumulated_keys": "combined", "fit_keys": "combined", "edit_key_weight": 1.0,
+                    "gate_open_no_context": True}
 
 
 def _read_v2(directory: Path, config: dict[str, Any], editing: bool) -> SavedState:
