@@ -18,6 +18,7 @@ from comeba.evaluate import EvalError, evaluate
 from comeba.hparams import HParams
 from comeba.methods import METHODS, PROTOCOLS
 from comeba.models import detect_layout, mlp_out_weight, weights_checksum
+from comeba.reporting import format_summary
 from comeba.requests import make_requests
 from comeba.scoring import CORE, Settings, aggregate, evaluate_requests, locality_reference
 from comeba.stats import load_or_compute_stats
@@ -148,6 +149,29 @@ def test_edits_take_effect_and_comeba_keeps_locality(llama, tokenizer, corpus):
     # the neighbourhood prompts keep their answers, where the same edits written into the weights move them
     ungated = _run(llama, tokenizer, corpus, "seq-memit", "consecutive")
     assert summary["post"]["locality"] == 100.0 and ungated["post"]["locality"] < 95
+
+
+def test_requests_the_editor_warns_about_are_reported_apart(llama, tokenizer, corpus, tmp_path):
+    """A subject that is its prompt's first token gets a warning before editing; the run marks that record and
+    gives the final means of the warned records and of the others apart, so a shortfall they cause shows."""
+    first = {"prompt": "The is a word", "subject": "The", "target_new": "Paris", "ground_truth": "Rome",
+             "locality_prompt": "Her father was a", "locality_ground_truth": "doctor"}
+    out = tmp_path / "run"
+    summary = _run(llama, tokenizer, corpus, "comeba", "consecutive", out, requests=REQUESTS[:3] + [first])
+    assert [b.get("warned") for b in summary["batches"]] == [None, [3]]  # record indices, not batch positions
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert [r.get("warned", False) for r in records] == [False, False, False, True]
+    split = summary["warned"]
+    assert split["records"] == [3]
+    assert split["post"]["reliability"] == pytest.approx(records[3]["post"]["reliability"], abs=1e-3)
+    others = sum(r["post"]["reliability"] for r in records[:3]) / 3
+    assert split["post_others"]["reliability"] == pytest.approx(others, abs=1e-3)
+    assert json.loads((out / "summary.json").read_text())["warned"] == split
+    text = format_summary(summary)
+    assert "1 of 4 requests were warned about" in text
+    assert f"{split['post_others']['reliability']:.1f} / " in text.split("on them, ")[1]
+    # nothing warned (a weight editor does not warn): no split
+    assert "warned" not in _run(llama, tokenizer, corpus, "memit", "consecutive", requests=REQUESTS[:2])
 
 
 def test_resume_after_interrupt(llama, tokenizer, corpus, tmp_path, monkeypatch):

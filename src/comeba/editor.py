@@ -314,7 +314,8 @@ class Editor:
             self.attach()
         seconds = time.perf_counter() - start
         info = {"batch": self.n_batches, "n": len(batch), "seconds": seconds,
-                "alpha": {l: s.alpha for l, s in self.layers.items()}, "warnings": warnings}
+                "alpha": {l: s.alpha for l, s in self.layers.items()}, "warnings": warnings,
+                "warned": sorted({i for i, _ in warned})}
         log.info("batch %d: %d edits in %.1f s, alpha %s", self.n_batches, len(batch), seconds, info["alpha"])
         return info
 

@@ -117,7 +117,8 @@ class _HookMethod(_Method):
 
     def edit(self, batch):
         info = self.editor.edit(batch)
-        return {"seconds": info["seconds"], "alpha": {str(l): a for l, a in info["alpha"].items()}}
+        out = {"seconds": info["seconds"], "alpha": {str(l): a for l, a in info["alpha"].items()}}
+        return {**out, "warned": info["warned"]} if info["warned"] else out  # indices in the batch
 
     def applied(self):
         return self.editor.applied()
@@ -308,6 +309,8 @@ def _run_batches(run: _Run, runner: _Method, prog: Progress, progress: bool) -> 
             lo, hi = run.batches[b]
             t = time.perf_counter()
             info = runner.edit(run.reqs[lo:hi])
+            if "warned" in info:  # the requests `comeba edit` warns will probably not take, as record indices
+                info["warned"] = [lo + i for i in info["warned"]]
             prog.edit_seconds += time.perf_counter() - t
             prog.batch_infos.append({"batch": b + 1, "n": hi - lo, **info})
 
@@ -399,9 +402,10 @@ def evaluate(
 
     times = {"seconds": time.perf_counter() - run.clock0, "pre_seconds": pre_seconds, "setup_seconds": setup_seconds}
     batch_of = [b + 1 for b, (lo, hi) in enumerate(batches) for _ in range(lo, hi)]
-    records = [record_entry(i, r, batch_of[i], pre[i], prog.post[i]) for i, r in enumerate(reqs)]
+    warned = {i for b in prog.batch_infos for i in b.get("warned", ())}
+    records = [record_entry(i, r, batch_of[i], pre[i], prog.post[i], i in warned) for i, r in enumerate(reqs)]
     summary = run_summary(config, len(batches), pre, prog, times, method_info, provenance,
-                          str(next(model.parameters()).device), meta)
+                          str(next(model.parameters()).device), meta, warned)
     summary["processes"] = (dist_context() or (0, 1))[1]
     if torch.cuda.is_available() and next(model.parameters()).is_cuda:
         summary["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

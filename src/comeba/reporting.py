@@ -139,14 +139,25 @@ def format_summary(summary: dict) -> str:
     w0 = max(len(r[0]) for r in rows)
     lines = [f"{r[0]:<{w0}}  {r[1]:>7}  {r[2]:>7}" for r in rows]
     lines.insert(1, "-" * len(lines[0]))
+    warned = summary.get("warned")
+    if warned:
+        n = len(warned["records"])
+        lines.append("")
+        lines.append(f"{n} of {summary['n_edits']} requests were warned about (they will probably not take): "
+                     f"reliability / generality / locality {_core(warned['post'])} on them, "
+                     f"{_core(warned['post_others'])} on the others")
     cps = summary.get("checkpoints") or []
     if len(cps) > 1:
         lines.append("")
         lines.append("checkpoints (edits: reliability / generality / locality)")
         for c in cps:
-            vals = " / ".join("-" if c.get(k) is None else f"{c[k]:.1f}" for k in ("reliability", "generality", "locality"))
-            lines.append(f"  {c['n_edits']:>6}: {vals}")
+            lines.append(f"  {c['n_edits']:>6}: {_core(c)}")
     return "\n".join(lines)
+
+
+def _core(means: Mapping[str, Any]) -> str:
+    """Reliability / generality / locality, one decimal each."""
+    return " / ".join("-" if means.get(k) is None else f"{means[k]:.1f}" for k in ("reliability", "generality", "locality"))
 
 
 def format_times(summary: Mapping[str, Any]) -> str:

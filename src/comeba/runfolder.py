@@ -20,7 +20,7 @@ import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 from .files import atomic_write_text
 from .hparams import HParams
@@ -208,8 +208,8 @@ def checkpoint_entry(point: Mapping[str, float | None], n_edits: int, batches: i
     return entry
 
 
-def record_entry(i: int, r: Request, batch: int, pre, post) -> dict[str, Any]:
-    """One line of records.jsonl."""
+def record_entry(i: int, r: Request, batch: int, pre, post, warned: bool = False) -> dict[str, Any]:
+    """One line of records.jsonl (`warned`: only where the editor warned the edit would probably not take)."""
     return {
         "index": i,
         "case_id": r.case_id,
@@ -220,6 +220,7 @@ def record_entry(i: int, r: Request, batch: int, pre, post) -> dict[str, Any]:
         "ground_truth": r.ground_truth,
         "pre": rounded(pre),
         "post": rounded(post or {}),
+        **({"warned": True} if warned else {}),
     }
 
 
@@ -231,9 +232,19 @@ def peak_rss_mb() -> float:
 
 def run_summary(config: Mapping[str, Any], n_batches: int, pre: Sequence[Mapping[str, Any]], prog: Progress,
                 times: Mapping[str, float], method_info: Mapping[str, Any], provenance: Mapping[str, Any],
-                device: str, meta: Mapping[str, Any] | None) -> dict[str, Any]:
-    """summary.json of a run of `config` (run_config): the means before and after, the checkpoints, the times."""
+                device: str, meta: Mapping[str, Any] | None, warned: Collection[int] = ()) -> dict[str, Any]:
+    """summary.json of a run of `config` (run_config): the means before and after, the checkpoints, the times.
+
+    `warned`: the records the editor warned would probably not take (`Editor.edit_warnings`); their final
+    means and the others' are given apart, so that a shortfall they cause can be told from one they do not.
+    """
     protocol = config["protocol"]
+    split = {}
+    if warned:
+        posts = [(i in warned, p or {}) for i, p in enumerate(prog.post)]
+        split = {"warned": {"records": sorted(warned),
+                            "post": rounded(aggregate([p for w, p in posts if w])),
+                            "post_others": rounded(aggregate([p for w, p in posts if not w]))}}
     return {
         "method": config["method"],
         "protocol": protocol,
@@ -265,6 +276,7 @@ def run_summary(config: Mapping[str, Any], n_batches: int, pre: Sequence[Mapping
         "model_fingerprint": config["model_fingerprint"],
         "device": device,
         "batches": prog.batch_infos,
+        **split,
         **dict(meta or {}),
     }
 
