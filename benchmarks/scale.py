@@ -45,6 +45,7 @@ METHODS = {  # name -> comeba eval options
 }
 DEFAULT_METHODS = ("comeba", "comeba-reference", "seq-memit", "alphaedit")
 SO_FAR = "checkpoints-so-far.json"  # an unfinished run's checkpoints, written by --report-only
+PANELS_CORE = ("reliability", "generality", "locality")
 PANELS = (("reliability", "reliability %"), ("generality", "generality %"), ("locality", "locality %"),
           ("false_open_max", "false-open % (worst layer)"))
 
@@ -94,6 +95,12 @@ def _summary(folder: Path) -> dict | None:
             "seconds_per_edit": prog["edit_seconds"] / n, "seconds": prog["seconds"], "unfinished": True}
 
 
+def _warned_file(folder: Path) -> dict | None:
+    """benchmarks/warned.py's split of a run from before `comeba eval` recorded the warnings itself."""
+    path = folder / "warned.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def report(out: Path, methods: list[str]) -> None:
     summaries = {}
     for m in methods:
@@ -139,6 +146,14 @@ def report(out: Path, methods: list[str]) -> None:
         lines[-1] += f"{cps[-1].get('perplexity_ratio', float('nan')):.4f} | {s['seconds_per_edit']:.2f} | " \
                      f"{s['seconds'] / 3600:.2f} |"
     lines += ["", f"Plot: scale.png. Runs: {', '.join(summaries)} (each folder's summary.json and checkpoints.csv)."]
+    for m, s in summaries.items():
+        w = s.get("warned") or _warned_file(out / m)
+        if w:
+            core = lambda means: " / ".join(f"{means[k]:.1f}" for k in PANELS_CORE)  # noqa: E731
+            lines.append(f"{m}: {len(w['records'])} of {s['n_edits']} records are ones `comeba edit` warns will "
+                         f"probably not take (a subject without context; records {', '.join(map(str, w['records']))}): "
+                         f"reliability / generality / locality {core(w['post'])} on them, {core(w['post_others'])} "
+                         "on the others (summary.json's `warned`, or warned.json from benchmarks/warned.py).")
     if any(m.endswith("-adam32") for m in summaries):
         lines.append("A name ending in -adam32: that method with the reference optimiser (Adam, float32; "
                      "benchmarks/hparams/reference-optimiser.yaml), the others at the defaults.")
