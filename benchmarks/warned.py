@@ -47,7 +47,7 @@ def split(run: Path, editor: Editor | None, model, tokenizer) -> tuple[dict, Edi
     warned: dict[int, str] = {}
     with torch.no_grad():
         for lo in range(0, len(requests), size):
-            for i, w in editor._warned(requests[lo: lo + size]):  # the indices `Editor.edit` itself uses
+            for i, w in editor.request_warnings(requests[lo: lo + size]):  # as `Editor.edit` asks
                 warned[lo + i] = w.split(": ", 1)[1]
     posts = [json.loads(line)["post"] for line in (run / "records.jsonl").read_text().splitlines()]
     if len(posts) != len(requests):

@@ -190,10 +190,11 @@ class Editor:
         energy (`LOW_CONTEXT_SHARE`; such keys sit where the first tokens of most texts do): the update
         can write little there and the gate cannot tell it from general text.
         """
-        return [w for _, w in self._warned(make_requests(requests))]
+        return [w for _, w in self.request_warnings(make_requests(requests))]
 
-    def _warned(self, batch: Sequence[Request]) -> list[tuple[int, str]]:
-        """`edit_warnings` with the index of the request each is about (the calibration may leave those out)."""
+    def request_warnings(self, batch: Sequence[Request]) -> list[tuple[int, str]]:
+        """`edit_warnings` with the index of the request each is about (the calibration may leave those out,
+        and an evaluation reports those records apart)."""
         out: list[tuple[int, str]] = []
         rest = []
         for i, r in enumerate(batch):
@@ -229,7 +230,7 @@ class Editor:
         """
         batch = make_requests(requests)
         self._check_lengths(batch)
-        warned = self._warned(batch)
+        warned = self.request_warnings(batch)
         warnings = [w for _, w in warned]
         for w in warnings:
             log.warning(w)
