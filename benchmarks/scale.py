@@ -27,6 +27,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from comeba.reporting import format_core
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 # The baselines were tuned with the reference optimiser; at the default (L-BFGS) they write larger updates
@@ -45,7 +47,6 @@ METHODS = {  # name -> comeba eval options
 }
 DEFAULT_METHODS = ("comeba", "comeba-reference", "seq-memit", "alphaedit")
 SO_FAR = "checkpoints-so-far.json"  # an unfinished run's checkpoints, written by --report-only
-PANELS_CORE = ("reliability", "generality", "locality")
 PANELS = (("reliability", "reliability %"), ("generality", "generality %"), ("locality", "locality %"),
           ("false_open_max", "false-open % (worst layer)"))
 
@@ -149,10 +150,9 @@ def report(out: Path, methods: list[str]) -> None:
     for m, s in summaries.items():
         w = s.get("warned") or _warned_file(out / m)
         if w:
-            core = lambda means: " / ".join(f"{means[k]:.1f}" for k in PANELS_CORE)  # noqa: E731
             lines.append(f"{m}: {len(w['records'])} of {s['n_edits']} records are ones `comeba edit` warns will "
                          f"probably not take (a subject without context; records {', '.join(map(str, w['records']))}): "
-                         f"reliability / generality / locality {core(w['post'])} on them, {core(w['post_others'])} "
+                         f"reliability / generality / locality {format_core(w['post'])} on them, {format_core(w['post_others'])} "
                          "on the others (summary.json's `warned`, or warned.json from benchmarks/warned.py).")
     if any(m.endswith("-adam32") for m in summaries):
         lines.append("A name ending in -adam32: that method with the reference optimiser (Adam, float32; "

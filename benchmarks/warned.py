@@ -23,7 +23,9 @@ from comeba.data import load_counterfact
 from comeba.editor import Editor
 from comeba.hparams import HParams
 from comeba.models import load_model
-from comeba.scoring import CORE, aggregate
+from comeba.reporting import format_core
+from comeba.runfolder import warned_split
+from comeba.scoring import aggregate
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -31,17 +33,15 @@ SCALE = DATA / "counterfact" / "counterfact-scale.json"
 STATS = DATA / "wikitext-2" / "valid.txt"
 
 
-def split(run: Path, editor: Editor | None, model, tokenizer) -> tuple[dict, Editor]:
-    """The run's warned records and its final means on them and on the others; the editor, for the next run."""
+def split(run: Path, model, tokenizer) -> dict:
+    """The run's warned records and its final means on them, on the others and on all."""
     config = json.loads((run / "run.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
     if config["method"] != "comeba" or config["protocol"] != "consecutive":
         raise SystemExit(f"{run}: a consecutive comeba run is needed, this is {config['method']} {config['protocol']}")
     if not str(summary.get("data", "")).endswith("counterfact-scale.json"):
         raise SystemExit(f"{run}: not a run on counterfact-scale.json ({summary.get('data')})")
-    hp = HParams(**config["hparams"])
-    if editor is None or editor.hparams.layers != hp.layers or editor.hparams.mom2_update_weight != hp.mom2_update_weight:
-        editor = Editor(model, tokenizer, config=hp, corpus=text_corpus([STATS]), progress=False)
+    editor = Editor(model, tokenizer, config=HParams(**config["hparams"]), corpus=text_corpus([STATS]), progress=False)
     requests = load_counterfact(SCALE, offset=summary.get("offset", 0), n=config["n_edits"]).requests
     size = config["batch_size"]
     warned: dict[int, str] = {}
@@ -52,12 +52,10 @@ def split(run: Path, editor: Editor | None, model, tokenizer) -> tuple[dict, Edi
     posts = [json.loads(line)["post"] for line in (run / "records.jsonl").read_text().splitlines()]
     if len(posts) != len(requests):
         raise SystemExit(f"{run}: {len(posts)} records in records.jsonl, {len(requests)} requested")
-    out = {"records": sorted(warned), "warnings": {str(i): w for i, w in sorted(warned.items())},
-           "post": aggregate([posts[i] for i in sorted(warned)]),
-           "post_others": aggregate([p for i, p in enumerate(posts) if i not in warned]),
+    out = {**warned_split(posts, warned), "warnings": {str(i): w for i, w in sorted(warned.items())},
            "post_all": aggregate(posts), "n_records": len(posts)}
     (run / "warned.json").write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
-    return out, editor
+    return out
 
 
 def main(argv=None) -> int:
@@ -67,13 +65,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model("embedded")
-    editor = None
     for run in args.runs:
-        out, editor = split(run, editor, model, tokenizer)
-        fmt = lambda m: " / ".join(f"{m[k]:.1f}" for k in CORE)  # noqa: E731
+        out = split(run, model, tokenizer)
         print(f"{run}: {len(out['records'])} of {out['n_records']} "
-              f"records warned about; reliability / generality / locality {fmt(out['post'])} on them, "
-              f"{fmt(out['post_others'])} on the others, {fmt(out['post_all'])} on all")
+              f"records warned about; reliability / generality / locality {format_core(out['post'])} on them, "
+              f"{format_core(out['post_others'])} on the others, {format_core(out['post_all'])} on all")
     return 0
 
 

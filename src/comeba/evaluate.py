@@ -309,9 +309,9 @@ def _run_batches(run: _Run, runner: _Method, prog: Progress, progress: bool) -> 
             lo, hi = run.batches[b]
             t = time.perf_counter()
             info = runner.edit(run.reqs[lo:hi])
+            prog.edit_seconds += time.perf_counter() - t
             if "warned" in info:  # the requests `comeba edit` warns will probably not take, as record indices
                 info["warned"] = [lo + i for i in info["warned"]]
-            prog.edit_seconds += time.perf_counter() - t
             prog.batch_infos.append({"batch": b + 1, "n": hi - lo, **info})
 
             t = time.perf_counter()

@@ -144,19 +144,19 @@ def format_summary(summary: dict) -> str:
         n = len(warned["records"])
         lines.append("")
         lines.append(f"{n} of {summary['n_edits']} requests were warned about (they will probably not take): "
-                     f"reliability / generality / locality {_core(warned['post'])} on them, "
-                     f"{_core(warned['post_others'])} on the others")
+                     f"reliability / generality / locality {format_core(warned['post'])} on them, "
+                     f"{format_core(warned['post_others'])} on the others")
     cps = summary.get("checkpoints") or []
     if len(cps) > 1:
         lines.append("")
         lines.append("checkpoints (edits: reliability / generality / locality)")
         for c in cps:
-            lines.append(f"  {c['n_edits']:>6}: {_core(c)}")
+            lines.append(f"  {c['n_edits']:>6}: {format_core(c)}")
     return "\n".join(lines)
 
 
-def _core(means: Mapping[str, Any]) -> str:
-    """Reliability / generality / locality, one decimal each."""
+def format_core(means: Mapping[str, Any]) -> str:
+    """Reliability / generality / locality, one decimal each ("-" where missing)."""
     return " / ".join("-" if means.get(k) is None else f"{means[k]:.1f}" for k in ("reliability", "generality", "locality"))
 
 

@@ -230,6 +230,14 @@ def peak_rss_mb() -> float:
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
+def warned_split(post: Sequence[Mapping[str, Any] | None], warned: Collection[int]) -> dict[str, Any]:
+    """summary.json's `warned`: those record indices, and the post means on them and on the other records."""
+    marked = [(i in warned, p or {}) for i, p in enumerate(post)]
+    return {"records": sorted(warned),
+            "post": rounded(aggregate([p for w, p in marked if w])),
+            "post_others": rounded(aggregate([p for w, p in marked if not w]))}
+
+
 def run_summary(config: Mapping[str, Any], n_batches: int, pre: Sequence[Mapping[str, Any]], prog: Progress,
                 times: Mapping[str, float], method_info: Mapping[str, Any], provenance: Mapping[str, Any],
                 device: str, meta: Mapping[str, Any] | None, warned: Collection[int] = ()) -> dict[str, Any]:
@@ -239,12 +247,7 @@ def run_summary(config: Mapping[str, Any], n_batches: int, pre: Sequence[Mapping
     means and the others' are given apart, so that a shortfall they cause can be told from one they do not.
     """
     protocol = config["protocol"]
-    split = {}
-    if warned:
-        posts = [(i in warned, p or {}) for i, p in enumerate(prog.post)]
-        split = {"warned": {"records": sorted(warned),
-                            "post": rounded(aggregate([p for w, p in posts if w])),
-                            "post_others": rounded(aggregate([p for w, p in posts if not w]))}}
+    split = {"warned": warned_split(prog.post, warned)} if warned else {}
     return {
         "method": config["method"],
         "protocol": protocol,
